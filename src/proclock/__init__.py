@@ -1,0 +1,29 @@
+"""Cross-process locks on flock(2): `@process_locked`, `@singleton_process`, `ProcessLock`."""
+
+from ._decorators import process_locked, singleton_process
+from ._errors import (
+    AlreadyRunningError,
+    LockHeldError,
+    LockNameError,
+    LockTimeoutError,
+    ProcLockError,
+    UnsafeLockPathError,
+)
+from ._holder import Holder
+from ._lock import ProcessLock, lock_path
+from ._policy import Retry
+
+__all__ = [
+    "AlreadyRunningError",
+    "Holder",
+    "LockHeldError",
+    "LockNameError",
+    "LockTimeoutError",
+    "ProcLockError",
+    "ProcessLock",
+    "Retry",
+    "UnsafeLockPathError",
+    "lock_path",
+    "process_locked",
+    "singleton_process",
+]

@@ -1,0 +1,470 @@
+"""The decorators: `process_locked` and `singleton_process`, built on wrapt."""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+
+from . import _names, _owners
+from ._errors import AlreadyRunningError, LockHeldError, LockNameError
+from ._lock import ProcessLock
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from typing_extensions import ParamSpec
+
+    from ._dirs import StrPath
+    from ._policy import Retry
+
+    P = ParamSpec("P")
+    OnContention = Literal["raise", "skip", "exit"] | Callable[[LockHeldError], Any]
+
+R = TypeVar("R")
+
+_CO_GENERATOR = 0x20
+_CO_COROUTINE = 0x80
+_CO_ITERABLE_COROUTINE = 0x100
+_CO_ASYNC_GENERATOR = 0x200
+_FIELD_ROOT = re.compile(r"[^.\[]*")
+_OUTCOMES = ("raise", "skip", "exit")
+_CACHE_MAX = 1024
+
+
+def _code_flags(func: Any) -> int:
+    func = getattr(func, "__func__", func)  # classmethod / staticmethod objects
+    code = getattr(func, "__code__", None)
+    return int(getattr(code, "co_flags", 0))
+
+
+def _check_outcome(on_contention: object, exit_code: object) -> None:
+    if not callable(on_contention) and on_contention not in _OUTCOMES:
+        msg = (
+            f"on_contention must be 'raise', 'skip', 'exit' or a callable taking the "
+            f"LockHeldError, got {on_contention!r}"
+        )
+        raise ValueError(msg)
+    if isinstance(exit_code, bool) or not isinstance(exit_code, int) or not 0 <= exit_code <= 255:  # noqa: PLR2004
+        msg = f"exit_code must be an int from 0 to 255, got {exit_code!r}"
+        raise ValueError(msg)
+
+
+class _Namer:
+    """Computes the lock for one call: a fixed lock, a template, or a callable."""
+
+    __slots__ = ("_base", "_cache", "_fields", "_func_name", "_kind", "_signature", "_template")
+
+    def __init__(self, base: ProcessLock, name: object, func: Any) -> None:
+        self._base = base
+        self._cache: dict[str, ProcessLock] = {}
+        self._template = ""
+        self._signature: Any = None
+        self._func_name = getattr(getattr(func, "__func__", func), "__qualname__", repr(func))
+        if callable(name):
+            self._kind = "callable"
+            return
+        assert isinstance(name, str)  # noqa: S101
+        fields = self._fields_of(name)
+        if not fields:
+            self._kind = "fixed"
+            return
+        import inspect  # noqa: PLC0415  (lazy: only templates need it)
+
+        self._kind = "template"
+        self._template = name
+        self._signature = inspect.signature(getattr(func, "__func__", func))
+        params = self._signature.parameters
+        for root in fields:
+            if root not in params:
+                raise LockNameError(
+                    name,
+                    f"the template field {{{root}}} names no parameter of "
+                    f"{self._func_name}{self._signature}; use one of: {', '.join(params)}",
+                )
+
+    @staticmethod
+    def _fields_of(template: str) -> list[str]:
+        import string  # noqa: PLC0415
+
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError as exc:
+            raise LockNameError(template, f"is not a valid template: {exc}") from None
+        roots = []
+        for _, field, _, _ in parsed:
+            if field is None:
+                continue
+            root = _FIELD_ROOT.match(field).group()  # type: ignore[union-attr]
+            if not root or root.isdigit():
+                raise LockNameError(
+                    template,
+                    "template fields must name the function's parameters, such as "
+                    "{account_id}; positional fields like {} or {0} are not supported",
+                )
+            roots.append(root)
+        return roots
+
+    def lock_for(self, name_or_fn: Any, wrapped: Any, args: Any, kwargs: Any) -> ProcessLock:
+        if self._kind == "fixed":
+            return self._base
+        full_args = args
+        bound_self = getattr(wrapped, "__self__", None)
+        if bound_self is not None:
+            full_args = (bound_self, *args)  # the function's own signature includes self/cls
+        if self._kind == "callable":
+            name = name_or_fn(*full_args, **kwargs)
+            if not isinstance(name, str):
+                raise LockNameError(
+                    name, f"the name callable of {self._func_name} must return a str"
+                )
+        else:
+            try:
+                bound = self._signature.bind(*full_args, **kwargs)
+            except TypeError as exc:
+                msg = f"{self._func_name}() {exc}"
+                raise TypeError(msg) from None
+            bound.apply_defaults()
+            try:
+                name = self._template.format_map(bound.arguments)
+            except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+                raise LockNameError(
+                    self._template, f"cannot be filled from this call of {self._func_name}: {exc!r}"
+                ) from None
+        lock = self._cache.get(name)
+        if lock is None:
+            lock = self._base._renamed(name)  # noqa: SLF001
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[name] = lock
+        return lock
+
+
+class _Spec:
+    """Everything a decorator application decided, validated once."""
+
+    __slots__ = ("exit_code", "name", "namer", "on_contention", "singleton")
+
+    def __init__(
+        self,
+        namer: _Namer,
+        name: object,
+        on_contention: Any,
+        exit_code: int,
+        *,
+        singleton: bool,
+    ) -> None:
+        self.namer, self.name = namer, name
+        self.on_contention, self.exit_code, self.singleton = on_contention, exit_code, singleton
+
+    def contended(self, error: LockHeldError) -> Any:
+        if self.singleton and not isinstance(error, AlreadyRunningError):
+            error = AlreadyRunningError(error.path, error.name, error.holder, error.waited)
+        outcome = self.on_contention
+        if outcome == "raise":
+            raise error
+        if outcome == "skip":
+            _owners_log().debug("skipped a call: %s", error)
+            return None
+        if outcome == "exit":
+            sys.stderr.write(f"proclock: {error}; exiting\n")
+            sys.stderr.flush()
+            raise SystemExit(self.exit_code) from error
+        return outcome(error)
+
+
+def _owners_log() -> Any:
+    import logging  # noqa: PLC0415
+
+    return logging.getLogger("proclock")
+
+
+def _decorate(func: Any, spec: _Spec) -> Any:
+    import wrapt  # noqa: PLC0415  (lazy: ~40 ms for wrapt 2.x, paid only by decorator users)
+
+    flags = _code_flags(func)
+    namer, name = spec.namer, spec.name
+    current_owner = _owners.current_owner
+
+    if flags & _CO_ASYNC_GENERATOR:
+
+        def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:  # noqa: ARG001
+            lock = namer.lock_for(name, wrapped, args, kwargs)
+            return _locked_async_generator(lock, spec, wrapped(*args, **kwargs))
+
+    elif flags & _CO_GENERATOR:
+
+        def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:  # noqa: ARG001
+            lock = namer.lock_for(name, wrapped, args, kwargs)
+            return _locked_generator(lock, spec, wrapped(*args, **kwargs))
+
+    elif flags & (_CO_COROUTINE | _CO_ITERABLE_COROUTINE):
+
+        def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:  # noqa: ARG001
+            lock = namer.lock_for(name, wrapped, args, kwargs)
+
+            async def call() -> Any:
+                owner = current_owner()
+                try:
+                    entry = await lock._take_async(owner)  # noqa: SLF001
+                except LockHeldError as error:
+                    return spec.contended(error)
+                try:
+                    return await wrapped(*args, **kwargs)
+                finally:
+                    lock._give(entry, owner)  # noqa: SLF001
+
+            return call()
+
+    else:
+
+        def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:  # noqa: ARG001
+            lock = namer.lock_for(name, wrapped, args, kwargs)
+            owner = current_owner()
+            try:
+                entry = lock._take(owner)  # noqa: SLF001
+            except LockHeldError as error:
+                return spec.contended(error)
+            try:
+                return wrapped(*args, **kwargs)
+            finally:
+                lock._give(entry, owner)  # noqa: SLF001
+
+    return wrapt.FunctionWrapper(func, wrapper)
+
+
+def _locked_generator(lock: ProcessLock, spec: _Spec, gen: Any) -> Any:
+    """Hold the lock from the first next() to exhaustion, close() or garbage collection."""
+    owner = _owners.current_owner()
+    try:
+        entry = lock._take(owner)  # noqa: SLF001
+    except LockHeldError as error:
+        gen.close()
+        result = spec.contended(error)
+        if result is not None:
+            yield from result
+        return None
+    try:
+        return (yield from gen)
+    finally:
+        try:
+            gen.close()
+        finally:
+            lock._give(entry, owner)  # noqa: SLF001
+
+
+async def _locked_async_generator(lock: ProcessLock, spec: _Spec, agen: Any) -> Any:
+    """As `_locked_generator`, for async generators (asend/athrow are passed through)."""
+    owner = _owners.current_owner()
+    try:
+        entry = await lock._take_async(owner)  # noqa: SLF001
+    except LockHeldError as error:
+        await agen.aclose()
+        result = spec.contended(error)
+        if result is not None:
+            async for item in result:
+                yield item
+        return
+    try:
+        item = await agen.__anext__()
+        while True:
+            try:
+                sent = yield item
+            except GeneratorExit:
+                raise
+            except BaseException as exc:  # noqa: BLE001  (thrown in by the caller: pass it on)
+                item = await agen.athrow(exc)
+            else:
+                item = await agen.asend(sent)
+    except StopAsyncIteration:
+        return
+    finally:
+        try:
+            await agen.aclose()
+        finally:
+            lock._give(entry, owner)  # noqa: SLF001
+
+
+def _build(
+    func: Any,
+    name: object,
+    options: dict[str, Any],
+    on_contention: Any,
+    exit_code: int,
+    *,
+    singleton: bool,
+) -> Any:
+    if not callable(func):
+        msg = f"proclock decorates functions, not {type(func).__name__}"
+        raise TypeError(msg)
+    _check_outcome(on_contention, exit_code)
+    path = options.get("path")
+    if name is None and path is None:
+        fixed: str | None = _names.program_name(func) if singleton else _names.derived_name(func)
+    elif isinstance(name, str) or name is None:
+        fixed = name
+    elif callable(name):
+        fixed = None
+    else:
+        msg = f"name must be a str, a template or a callable, not {type(name).__name__}"
+        raise TypeError(msg)
+    base_name = fixed if fixed is not None and not _Namer._fields_of(fixed) else None  # noqa: SLF001
+    if base_name is None and path is None:
+        base_name = "template"  # replaced per call; validates the options below
+    if path is not None and name is not None:
+        msg = f"give the decorator a name or path=, not both (name={name!r}, path={path!r})"
+        raise ValueError(msg)
+    base = ProcessLock(base_name, **options)
+    namer = _Namer(base, fixed if fixed is not None else name if callable(name) else "", func)
+    spec = _Spec(namer, name, on_contention, exit_code, singleton=singleton)
+    return _decorate(func, spec)
+
+
+@overload
+def process_locked(func: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+@overload
+def process_locked(
+    func: str | None = None,
+    /,
+    *,
+    name: str | Callable[..., str] | None = None,
+    blocking: bool = True,
+    timeout: float | None = None,
+    retry: Retry | int | None = None,
+    on_contention: OnContention = "raise",
+    exit_code: int = 1,
+    shared: bool = False,
+    lock_dir: StrPath | None = None,
+    path: StrPath | None = None,
+    mode: int = 0o600,
+    reentrant: bool = True,
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+
+def process_locked(
+    func: Any = None,
+    /,
+    *,
+    name: str | Callable[..., str] | None = None,
+    blocking: bool = True,
+    timeout: float | None = None,
+    retry: Retry | int | None = None,
+    on_contention: OnContention = "raise",
+    exit_code: int = 1,
+    shared: bool = False,
+    lock_dir: StrPath | None = None,
+    path: StrPath | None = None,
+    mode: int = 0o600,
+    reentrant: bool = True,
+) -> Any:
+    """Run the function holding a cross-process lock (flock(2)) for the length of each call.
+
+    `@process_locked` derives the name from the function (`<module>.<qualname>`);
+    `@process_locked("name")` names it, and `"sync-{account_id}"` fills a template from the
+    call's arguments. Options are validated here, when the decorator is applied.
+    """
+    if isinstance(func, str):
+        if name is not None:
+            msg = f"the name was given twice: {func!r} and name={name!r}"
+            raise TypeError(msg)
+        name, func = func, None
+    options = {
+        "blocking": blocking,
+        "timeout": timeout,
+        "retry": retry,
+        "shared": shared,
+        "lock_dir": lock_dir,
+        "path": path,
+        "mode": mode,
+        "reentrant": reentrant,
+    }
+
+    def decorator(f: Any) -> Any:
+        return _build(f, name, options, on_contention, exit_code, singleton=False)
+
+    if func is None:
+        # Validate now, even before a function arrives: misuse fails where it is written.
+        if name is not None and not callable(name) and not isinstance(name, str):
+            msg = f"name must be a str, a template or a callable, not {type(name).__name__}"
+            raise TypeError(msg)
+        _check_outcome(on_contention, exit_code)
+        ProcessLock(
+            "validate" if path is None else None,
+            **options,  # type: ignore[arg-type]
+        )
+        return decorator
+    return decorator(func)
+
+
+_UNSET_BLOCKING: Any = object()
+
+
+@overload
+def singleton_process(func: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+@overload
+def singleton_process(
+    func: str | None = None,
+    /,
+    *,
+    name: str | Callable[..., str] | None = None,
+    blocking: bool = ...,
+    timeout: float | None = None,
+    retry: Retry | int | None = None,
+    on_contention: OnContention = "exit",
+    exit_code: int = 1,
+    lock_dir: StrPath | None = None,
+    path: StrPath | None = None,
+    mode: int = 0o600,
+    reentrant: bool = True,
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+
+def singleton_process(
+    func: Any = None,
+    /,
+    *,
+    name: str | Callable[..., str] | None = None,
+    blocking: bool = _UNSET_BLOCKING,
+    timeout: float | None = None,
+    retry: Retry | int | None = None,
+    on_contention: OnContention = "exit",
+    exit_code: int = 1,
+    lock_dir: StrPath | None = None,
+    path: StrPath | None = None,
+    mode: int = 0o600,
+    reentrant: bool = True,
+) -> Any:
+    """Let one instance of this program run `func` at a time; a second one exits (code 1).
+
+    The name is the program's (the `-m` module, else the script's absolute path), not the
+    function's. `timeout=5` waits up to 5 s for the other instance to finish.
+    """
+    if blocking is _UNSET_BLOCKING:
+        blocking = timeout is not None
+    if isinstance(func, str):
+        if name is not None:
+            msg = f"the name was given twice: {func!r} and name={name!r}"
+            raise TypeError(msg)
+        name, func = func, None
+    options = {
+        "blocking": blocking,
+        "timeout": timeout,
+        "retry": retry,
+        "lock_dir": lock_dir,
+        "path": path,
+        "mode": mode,
+        "reentrant": reentrant,
+    }
+
+    def decorator(f: Any) -> Any:
+        return _build(f, name, options, on_contention, exit_code, singleton=True)
+
+    if func is None:
+        _check_outcome(on_contention, exit_code)
+        ProcessLock("validate" if path is None else None, **options)  # type: ignore[arg-type]
+        return decorator
+    return decorator(func)

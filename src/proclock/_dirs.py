@@ -1,0 +1,93 @@
+"""Where locks live: resolving the lock directory per call, and vetting it before use."""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import TYPE_CHECKING
+
+from ._errors import UnsafeLockPathError
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+    StrPath = str | PathLike[str]
+
+DEFAULT = "default"  # created 0700, must be ours and private
+NAMED = "named"  # given by the user: may be shared on purpose, but never a trap
+
+
+def resolve(lock_dir: StrPath | None) -> tuple[str, str]:
+    """Return (directory, kind), read afresh at each call so that the environment can change."""
+    if lock_dir is not None:
+        return os.path.abspath(os.fspath(lock_dir)), NAMED
+    env = os.environ.get("PROCLOCK_DIR")
+    if env:
+        return os.path.abspath(env), NAMED
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    # An XDG_RUNTIME_DIR that is unset, relative or missing (a `su` shell keeps the old user's
+    # value) is ignored, as the XDG spec asks; one that exists is used and vetted.
+    if runtime and os.path.isabs(runtime) and os.path.isdir(runtime):
+        return os.path.join(runtime, "proclock"), DEFAULT
+    import tempfile  # noqa: PLC0415  (costs ~2 ms at import; only this fallback needs it)
+
+    return os.path.join(tempfile.gettempdir(), f"proclock-{os.geteuid()}"), DEFAULT
+
+
+def vet(directory: str, kind: str) -> None:
+    """Create `directory` if missing (0700) and refuse it if another user could subvert it.
+
+    Raises:
+        UnsafeLockPathError: a symlink, not a directory, or (default directories) not private.
+    """
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        if kind == DEFAULT:
+            raise
+        os.makedirs(directory, 0o700, exist_ok=True)
+    st = os.lstat(directory)
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeLockPathError(
+            directory,
+            "the lock directory is a symlink; point lock_dir/PROCLOCK_DIR at the real directory",
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeLockPathError(
+            directory,
+            "the lock directory exists but is not a directory; remove it or choose another",
+        )
+    if kind == DEFAULT:
+        if st.st_uid != os.geteuid():
+            raise UnsafeLockPathError(
+                directory,
+                f"the default lock directory is owned by uid {st.st_uid}, not by you "
+                f"(uid {os.geteuid()}); someone may have planted it: remove it, or set "
+                "PROCLOCK_DIR",
+            )
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafeLockPathError(
+                directory,
+                f"the default lock directory has mode {stat.S_IMODE(st.st_mode):04o}, "
+                "writable by others; chmod 700 it, or set PROCLOCK_DIR",
+            )
+    elif st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise UnsafeLockPathError(
+            directory,
+            f"the lock directory has mode {stat.S_IMODE(st.st_mode):04o}: world-writable "
+            "without the sticky bit, anyone could replace the lock files; chmod o-w or +t it",
+        )
+
+
+def vet_parent(path: str) -> None:
+    """Vet the directory of an explicit lock file (`path=`), which must already exist."""
+    parent = os.path.dirname(path) or "."
+    st = os.stat(parent)  # the parent may be reached through symlinks the user chose
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise UnsafeLockPathError(
+            parent,
+            f"the lock file's directory has mode {stat.S_IMODE(st.st_mode):04o}: "
+            "world-writable without the sticky bit; chmod o-w or +t it",
+        )

@@ -1,0 +1,402 @@
+"""ProcessLock: a named lock file, held with flock(2), shared safely by threads and tasks."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import _dirs, _holder, _names, _owners, _policy
+from ._errors import LockHeldError, LockTimeoutError, ProcLockError
+
+if TYPE_CHECKING:
+    import pathlib
+    from types import TracebackType
+
+    from typing_extensions import Self
+
+    from ._dirs import StrPath
+    from ._holder import Holder
+    from ._policy import Retry
+
+_log = logging.getLogger("proclock")
+_DEBUG = logging.DEBUG
+
+# Module attributes so that tests can inject a clock and a sleep (timing logic is tested
+# without wall time).
+_monotonic = time.monotonic
+_sleep = time.sleep
+
+
+class _Unset:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+UNSET: Any = _Unset()
+
+
+class ProcessLock:
+    """An exclusive (or shared) lock on a named file, across processes, threads and tasks.
+
+    Args:
+        name: the lock's name; its file is `lock_path(name)`.
+        path: an explicit lock file instead of a name (for interop with other programs).
+        blocking: wait for the lock (True) or make one attempt (False).
+        timeout: seconds to wait; None waits forever; 0 is one attempt.
+        retry: a `Retry`, or an int of attempts in all.
+        shared: take a reader lock (LOCK_SH) instead of an exclusive one.
+        lock_dir: the directory for the lock file (else $PROCLOCK_DIR, then the defaults).
+        mode: permissions of a lock file proclock creates.
+        reentrant: count re-entry by the same thread or task (else it raises ProcLockError).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_blocking",
+        "_holds",
+        "_lock_dir",
+        "_mode",
+        "_name",
+        "_op",
+        "_path",
+        "_reentrant",
+        "_retry",
+        "_shared",
+        "_stale",
+        "_timeout",
+    )
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        path: StrPath | None = None,
+        blocking: bool = True,
+        timeout: float | None = None,
+        retry: Retry | int | None = None,
+        shared: bool = False,
+        lock_dir: StrPath | None = None,
+        mode: int = 0o600,
+        reentrant: bool = True,
+    ) -> None:
+        if name is None and path is None:
+            msg = "ProcessLock needs a name, or path= for an explicit lock file"
+            raise TypeError(msg)
+        if name is not None and path is not None:
+            msg = f"give ProcessLock a name or a path, not both (name={name!r}, path={path!r})"
+            raise ValueError(msg)
+        if path is not None and lock_dir is not None:
+            msg = f"path={path!r} already names the file: lock_dir= cannot apply to it"
+            raise ValueError(msg)
+        self._name = _names.check_name(name) if name is not None else None
+        self._path = os.path.abspath(os.fspath(path)) if path is not None else None
+        self._timeout = _policy.check_timeout(timeout)
+        self._retry = _policy.check_retry(retry)
+        _policy.check_wait(blocking=blocking, timeout=self._timeout, retry=self._retry)
+        if not isinstance(shared, bool) or not isinstance(reentrant, bool):
+            msg = "shared= and reentrant= must be True or False"
+            raise TypeError(msg)
+        self._blocking = blocking
+        self._shared = shared
+        self._op = _owners.SH if shared else _owners.EX
+        self._lock_dir = lock_dir
+        self._mode = _policy.check_mode(mode)
+        self._reentrant = reentrant
+        # (owner, entry, fork generation) per hold, most recent last.
+        self._holds: list[tuple[object, _owners.Entry, int]] = []
+        self._stale = 0  # holds dropped by a fork: their release() is a silent no-op
+
+    # -- where -------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The lock's name (the path for a lock made with path=)."""
+        return self._name if self._name is not None else str(self._path)
+
+    def _locate(self) -> tuple[str, str | None, str]:
+        """(file path, directory to vet or None for path=, directory kind), resolved now."""
+        if self._path is not None:
+            return self._path, None, _dirs.NAMED
+        assert self._name is not None  # noqa: S101
+        directory, kind = _dirs.resolve(self._lock_dir)
+        return os.path.join(directory, _names.file_name(self._name)), directory, kind
+
+    @property
+    def path(self) -> str:
+        """The lock file: the one held, else where it would be taken now (vetting the dir)."""
+        holds = self._live_holds()
+        if holds:
+            return holds[-1][1].path
+        path, directory, kind = self._locate()
+        if directory is not None:
+            _dirs.vet(directory, kind)
+        return path
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _live_holds(self) -> list[tuple[object, _owners.Entry, int]]:
+        holds = self._holds
+        if holds and holds[-1][2] != _owners.fork_generation:
+            # A forked child holds nothing its parent held (unless transferred).
+            live = [h for h in holds if h[2] == _owners.fork_generation]
+            self._stale += len(holds) - len(live)
+            holds = self._holds = live
+        return holds
+
+    @property
+    def locked(self) -> bool:
+        """True while this object holds the lock in this process."""
+        return bool(self._live_holds())
+
+    def holder(self) -> Holder | None:
+        """Who holds the lock now, as the kernel reports it; None if it is free."""
+        holds = self._live_holds()
+        path = holds[-1][1].path if holds else self._locate()[0]
+        return _holder.holder_of(path)
+
+    def __repr__(self) -> str:
+        state = "locked" if self.locked else "unlocked"
+        return f"<ProcessLock {self.name!r} {state}{' shared' if self._shared else ''}>"
+
+    # -- acquire / release -------------------------------------------------------------------
+
+    def _plan(self, blocking: Any, timeout: Any) -> tuple[bool, float | None]:
+        if blocking is UNSET and timeout is UNSET:
+            return self._blocking, self._timeout
+        if timeout is UNSET:
+            timeout = self._timeout if blocking else None
+        else:
+            timeout = _policy.check_timeout(timeout)
+            if blocking is UNSET:
+                blocking = True if timeout is not None else self._blocking
+        _policy.check_wait(blocking=blocking, timeout=timeout, retry=_policy.ONE_ATTEMPT)
+        return blocking, timeout
+
+    def _entry(self) -> _owners.Entry:
+        path, directory, kind = self._locate()
+        return _owners.entry_for(path, directory, kind, self.name, self._mode)
+
+    def _give_up(self, entry: _owners.Entry, waited: float, *, timed_out: bool) -> LockHeldError:
+        holder = _holder.holder_of(entry.path)
+        if timed_out:
+            return LockTimeoutError(entry.path, self.name, holder, waited)
+        return LockHeldError(entry.path, self.name, holder, waited)
+
+    def _attempt(
+        self, owner: object, blocking: bool, timeout: float | None
+    ) -> _owners.Entry | LockHeldError:
+        """One attempt: the entry held, or the error saying why not."""
+        with _owners._mutex:  # noqa: SLF001
+            entry = self._entry()
+            if _owners.reenter(entry, self._op, owner, reentrant=self._reentrant):
+                return entry
+        start = _monotonic()
+        wait = blocking and timeout != 0
+        deadline = None if timeout is None else start + timeout
+        if wait and _log.isEnabledFor(_DEBUG):
+            _log.debug("waiting for %r (%s)", self.name, entry.path)
+        try:
+            _owners.acquire(
+                entry, self._op, owner, blocking=wait, deadline=deadline, clock=_monotonic
+            )
+        except _owners._Busy:  # noqa: SLF001
+            return self._give_up(entry, _monotonic() - start, timed_out=wait)
+        if _log.isEnabledFor(_DEBUG):
+            _log.debug("acquired %r (%s) after %.6fs", self.name, entry.path, _monotonic() - start)
+        return entry
+
+    def acquire(self, blocking: bool = UNSET, timeout: float | None = UNSET) -> Self:
+        """Take the lock, or raise; returns the lock, so `with lock.acquire(timeout=1):` works.
+
+        The arguments default to the constructor's; an explicit `timeout=None` waits forever.
+
+        Raises:
+            LockHeldError: busy, with `blocking=False`, `timeout=0`, or the retries spent.
+            LockTimeoutError: busy until a positive timeout expired.
+            ProcLockError: re-entry with `reentrant=False`, or a shared holder asking for
+                the exclusive lock.
+            OSError: the lock file cannot be opened or locked (EACCES, EROFS, ENOLCK...).
+        """
+        entry = self._with(blocking, timeout)._take(owner := _owners.current_owner())  # noqa: SLF001
+        self._holds.append((owner, entry, _owners.fork_generation))
+        return self
+
+    async def acquire_async(self, blocking: bool = UNSET, timeout: float | None = UNSET) -> Self:
+        """`acquire` for coroutines: waits without blocking the event loop; cancellable."""
+        lock = self._with(blocking, timeout)
+        owner = _owners.current_owner()
+        entry = await lock._take_async(owner)  # noqa: SLF001
+        self._holds.append((owner, entry, _owners.fork_generation))
+        return self
+
+    def _with(self, blocking: Any, timeout: Any) -> ProcessLock:
+        """Return this lock, or a copy with the per-call blocking/timeout of acquire()."""
+        blocking, timeout = self._plan(blocking, timeout)
+        if (blocking, timeout) == (self._blocking, self._timeout):
+            return self
+        lock = self._copy()
+        lock._blocking, lock._timeout = blocking, timeout  # noqa: SLF001
+        return lock
+
+    def _copy(self) -> ProcessLock:
+        clone = object.__new__(ProcessLock)
+        for slot in ProcessLock.__slots__:
+            if slot != "__weakref__":
+                setattr(clone, slot, getattr(self, slot))
+        clone._holds, clone._stale = [], 0
+        return clone
+
+    # The decorators hold through these, without touching `_holds`: one decorated function
+    # (one ProcessLock) is called by many threads and tasks at once.
+
+    def _take(self, owner: object) -> _owners.Entry:
+        pauses = self._retry.pauses()
+        while True:
+            result = self._attempt(owner, self._blocking, self._timeout)
+            if isinstance(result, _owners.Entry):
+                return result
+            pause = next(pauses, None)
+            if pause is None:
+                raise result
+            _log.debug("retrying %r in %.3fs: %s", self.name, pause, result)
+            _sleep(pause)
+
+    async def _take_async(self, owner: object) -> _owners.Entry:
+        import asyncio  # noqa: PLC0415
+
+        pauses = self._retry.pauses()
+        while True:
+            with _owners._mutex:  # noqa: SLF001
+                entry = self._entry()
+                if _owners.reenter(entry, self._op, owner, reentrant=self._reentrant):
+                    return entry
+            start = _monotonic()
+            wait = self._blocking and self._timeout != 0
+            deadline = None if self._timeout is None else start + self._timeout
+            try:
+                await _owners.acquire_async(
+                    entry, self._op, owner, blocking=wait, deadline=deadline, clock=_monotonic
+                )
+            except _owners._Busy:  # noqa: SLF001
+                error = self._give_up(entry, _monotonic() - start, timed_out=wait)
+            else:
+                _log.debug("acquired %r (%s)", self.name, entry.path)
+                return entry
+            pause = next(pauses, None)
+            if pause is None:
+                raise error
+            await asyncio.sleep(pause)
+
+    def _give(self, entry: _owners.Entry, owner: object) -> None:
+        _owners.release(entry, owner)
+        _log.debug("released %r (%s)", self.name, entry.path)
+
+    def _renamed(self, name: str) -> ProcessLock:
+        """A lock with the same (already validated) options under another name."""
+        clone = self._copy()
+        clone._name = _names.check_name(name)  # noqa: SLF001
+        return clone
+
+    def release(self) -> None:
+        """Release one hold taken by the current thread or task.
+
+        In a forked child (which holds nothing of its parent's) this is a silent no-op.
+
+        Raises:
+            ProcLockError: this thread or task does not hold the lock through this object.
+        """
+        holds = self._live_holds()
+        if not holds:
+            if self._stale:
+                self._stale -= 1
+                return
+            msg = f"release of {self.name!r}, which this ProcessLock does not hold"
+            raise ProcLockError(msg)
+        owner = _owners.current_owner()
+        for i in range(len(holds) - 1, -1, -1):
+            if holds[i][0] == owner:
+                break
+        else:
+            if len(holds) != 1:
+                msg = (
+                    f"release of {self.name!r} by a thread or task that does not hold it "
+                    "through this ProcessLock"
+                )
+                raise ProcLockError(msg)
+            i = 0  # the only hold: released on behalf of its owner, as threading.Lock allows
+        owner, entry, _ = holds.pop(i)
+        _owners.release(entry, owner)
+        _log.debug("released %r (%s)", self.name, entry.path)
+
+    def transfer_on_fork(self) -> Self:
+        """Hand this held lock to the child at the next os.fork() (for daemonizing).
+
+        After the fork the child holds it (in the forking thread) and the parent does not: the
+        parent's descriptor is closed without unlocking, so the parent can exit and the
+        daemon keeps the lock.
+
+        Raises:
+            ProcLockError: the lock is not held by this object.
+        """
+        holds = self._live_holds()
+        if not holds:
+            msg = f"transfer_on_fork() of {self.name!r}, which this ProcessLock does not hold"
+            raise ProcLockError(msg)
+        entry = holds[-1][1]
+
+        def hook(in_child: bool) -> None:
+            if in_child:
+                gen = _owners.fork_generation
+                import threading  # noqa: PLC0415
+
+                self._holds = [(threading.get_ident(), entry, gen)]
+            else:
+                self._holds = [h for h in self._holds if h[1] is not entry]
+
+        with _owners._mutex:  # noqa: SLF001
+            entry.transfer.append(hook)
+        return self
+
+    # -- context managers --------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        return self.acquire()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    async def __aenter__(self) -> Self:
+        return await self.acquire_async()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def lock_path(name: str, *, lock_dir: StrPath | None = None) -> pathlib.Path:
+    """The lock file for `name`, as a pathlib.Path (for flock(1) and other programs).
+
+    Vets (and for the default directory, creates) the directory, never the file.
+
+    Raises:
+        UnsafeLockPathError: the directory cannot be used safely.
+    """
+    import pathlib  # noqa: PLC0415  (lazy: ~2 ms of import time nobody else needs)
+
+    _names.check_name(name)
+    directory, kind = _dirs.resolve(lock_dir)
+    _dirs.vet(directory, kind)
+    return pathlib.Path(directory, _names.file_name(name))

@@ -1,0 +1,86 @@
+"""Lock names: deriving them from functions and programs, and mapping them to safe file names."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+from typing import Any
+
+from ._errors import LockNameError
+
+# Bounded prefix: 64 readable bytes + "-" + 32 hex digits + ".lock" = 102 bytes, far below
+# NAME_MAX (255), so even a directory that adds its own suffixes stays valid.
+_PREFIX_MAX = 64
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_FILE_NAMES: dict[str, str] = {}
+_FILE_NAMES_MAX = 4096
+
+
+def check_name(name: object) -> str:
+    """Return `name` if it can name a lock, else raise LockNameError."""
+    if not isinstance(name, str):
+        msg = f"lock name must be a str, not {type(name).__name__}"
+        raise TypeError(msg)
+    if not name:
+        raise LockNameError(name, "a lock name cannot be empty")
+    if "\x00" in name:
+        raise LockNameError(name, "a lock name cannot contain a NUL byte")
+    return name
+
+
+def file_name(name: str) -> str:
+    """Map a lock name to its file name: sanitised readable prefix + hash of the exact name.
+
+    The hash (SHA-256, never Python's salted `hash()`) makes the map injective: `a/b` and `a_b`
+    share a prefix but not a file. The prefix keeps `ls` readable and can never contain a
+    separator, so nothing escapes the directory.
+    """
+    cached = _FILE_NAMES.get(name)
+    if cached is not None:
+        return cached
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    prefix = _UNSAFE.sub("_", name).lstrip(".")[:_PREFIX_MAX] or "lock"
+    result = f"{prefix}-{digest}.lock"
+    if len(_FILE_NAMES) >= _FILE_NAMES_MAX:
+        _FILE_NAMES.clear()
+    _FILE_NAMES[name] = result
+    return result
+
+
+def main_module_name() -> str | None:
+    """The program's identity: the `-m` module name, else the script's absolute path."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        return None
+    spec = getattr(main, "__spec__", None)
+    spec_name = getattr(spec, "name", None)
+    if isinstance(spec_name, str) and spec_name:
+        # `python -m pkg` runs `pkg.__main__`; the program is `pkg`.
+        return spec_name.removesuffix(".__main__")
+    file = getattr(main, "__file__", None)
+    if isinstance(file, str) and file:
+        return os.path.abspath(file)
+    return None
+
+
+def derived_name(func: Any) -> str:
+    """`<module>.<qualname>` of a function, with `__main__` replaced by the program's identity."""
+    func = getattr(func, "__func__", func)  # classmethod / staticmethod objects
+    qualname = getattr(func, "__qualname__", None)
+    module = getattr(func, "__module__", None)
+    if not isinstance(qualname, str) or not qualname:
+        raise LockNameError(repr(func), "cannot derive a name from it; pass name=")
+    if qualname.rsplit(".", 1)[-1] == "<lambda>":
+        raise LockNameError(
+            qualname, "a lambda has no name to derive a lock from; pass name= explicitly"
+        )
+    if module == "__main__" or module is None:
+        module = main_module_name() or "__main__"
+    return f"{module}.{qualname}"
+
+
+def program_name(func: Any) -> str:
+    """The name `singleton_process` uses: the program, not the decorated function."""
+    return main_module_name() or derived_name(func)

@@ -1,0 +1,109 @@
+"""Retry and the other options, validated once when a lock or decorator is made."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+def _number(option: str, value: object, *, minimum: float, allow_equal: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"{option} must be a number, not {type(value).__name__}"
+        raise TypeError(msg)
+    v = float(value)
+    if math.isnan(v) or v < minimum or (not allow_equal and v == minimum) or math.isinf(v):
+        bound = ">=" if allow_equal else ">"
+        msg = f"{option} must be a finite number {bound} {minimum:g}, got {value!r}"
+        raise ValueError(msg)
+    return v
+
+
+@dataclass(frozen=True)
+class Retry:
+    """What to do after an attempt fails: sleep, then try again, `attempts` times in all.
+
+    `delay` is the pause before the second attempt; each later pause is multiplied by
+    `backoff`, capped at `max_delay`, and varied by up to ±`jitter` (a fraction of the pause).
+    """
+
+    attempts: int
+    delay: float = 0.1
+    backoff: float = 2.0
+    max_delay: float = 10.0
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            msg = f"Retry(attempts=) must be an int, not {type(self.attempts).__name__}"
+            raise TypeError(msg)
+        if self.attempts < 1:
+            msg = f"Retry(attempts=) counts all attempts and must be >= 1, got {self.attempts}"
+            raise ValueError(msg)
+        _number("Retry(delay=)", self.delay, minimum=0)
+        _number("Retry(backoff=)", self.backoff, minimum=1)
+        _number("Retry(max_delay=)", self.max_delay, minimum=0)
+        jitter = _number("Retry(jitter=)", self.jitter, minimum=0)
+        if jitter > 1:
+            msg = f"Retry(jitter=) is a fraction of the pause, 0..1, got {self.jitter!r}"
+            raise ValueError(msg)
+
+    def pauses(self, rng: random.Random | None = None) -> Iterator[float]:
+        """The `attempts - 1` pauses between attempts, in seconds."""
+        uniform = (rng or random).uniform
+        pause = float(self.delay)
+        for _ in range(self.attempts - 1):
+            capped = min(pause, self.max_delay)
+            yield max(0.0, capped * (1 + uniform(-self.jitter, self.jitter)))
+            pause *= self.backoff
+
+
+ONE_ATTEMPT = Retry(attempts=1)
+_MODE_BITS = 0o7777
+
+
+def check_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    return _number("timeout", timeout, minimum=0)
+
+
+def check_retry(retry: object) -> Retry:
+    if retry is None:
+        return ONE_ATTEMPT
+    if isinstance(retry, Retry):
+        return retry
+    if isinstance(retry, int) and not isinstance(retry, bool):
+        return Retry(attempts=retry)
+    msg = f"retry must be a Retry or an int of attempts, not {type(retry).__name__}"
+    raise TypeError(msg)
+
+
+def check_wait(*, blocking: object, timeout: float | None, retry: Retry) -> None:
+    """Refuse combinations that contradict each other, when the lock or decorator is made."""
+    if not isinstance(blocking, bool):
+        msg = f"blocking must be True or False, not {blocking!r}"
+        raise TypeError(msg)
+    if not blocking and timeout is not None:
+        msg = (
+            f"blocking=False with timeout={timeout:g} contradict each other: blocking=False "
+            "is one try; drop the timeout, or use blocking=True with it"
+        )
+        raise ValueError(msg)
+    if retry.attempts > 1 and blocking and timeout is None:
+        msg = (
+            "retry with an unbounded wait (blocking=True, timeout=None) would never retry: "
+            "set a timeout for each attempt, or blocking=False"
+        )
+        raise ValueError(msg)
+
+
+def check_mode(mode: object) -> int:
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= _MODE_BITS:
+        msg = f"mode must be file permission bits such as 0o600, got {mode!r}"
+        raise ValueError(msg)
+    return mode
