@@ -84,7 +84,8 @@ def metadata_prefix(name: str) -> bytes:
             "pid": pid,
             "host": os.uname().nodename,
             "start": start,
-            "argv": [os.fsdecode(a) if isinstance(a, bytes) else a for a in sys.argv],
+            # orig_argv (3.10+) has the interpreter too: "python backup.py", as ps shows it.
+            "argv": list(getattr(sys, "orig_argv", sys.argv)),
             "name": name,
         },
         separators=(",", ":"),

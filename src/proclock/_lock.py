@@ -57,6 +57,7 @@ class ProcessLock:
     __slots__ = (
         "__weakref__",
         "_blocking",
+        "_fresh",
         "_holds",
         "_lock_dir",
         "_mode",
@@ -109,6 +110,9 @@ class ProcessLock:
         # (owner, entry, fork generation) per hold, most recent last.
         self._holds: list[tuple[object, _owners.Entry, int]] = []
         self._stale = 0  # holds dropped by a fork: their release() is a silent no-op
+        # (owner, number of holds) right after acquire(): the `with` statement that follows
+        # (`with lock.acquire(timeout=1):`) enters that hold instead of taking another.
+        self._fresh: tuple[object, int] | None = None
 
     # -- where -------------------------------------------------------------------------------
 
@@ -223,6 +227,7 @@ class ProcessLock:
         """
         entry = self._with(blocking, timeout)._take(owner := _owners.current_owner())  # noqa: SLF001
         self._holds.append((owner, entry, _owners.fork_generation))
+        self._fresh = (owner, len(self._holds))
         return self
 
     async def acquire_async(self, blocking: bool = UNSET, timeout: float | None = UNSET) -> Self:
@@ -231,6 +236,7 @@ class ProcessLock:
         owner = _owners.current_owner()
         entry = await lock._take_async(owner)  # noqa: SLF001
         self._holds.append((owner, entry, _owners.fork_generation))
+        self._fresh = (owner, len(self._holds))
         return self
 
     def _with(self, blocking: Any, timeout: Any) -> ProcessLock:
@@ -247,7 +253,7 @@ class ProcessLock:
         for slot in ProcessLock.__slots__:
             if slot != "__weakref__":
                 setattr(clone, slot, getattr(self, slot))
-        clone._holds, clone._stale = [], 0
+        clone._holds, clone._stale, clone._fresh = [], 0, None  # noqa: SLF001
         return clone
 
     # The decorators hold through these, without touching `_holds`: one decorated function
@@ -309,6 +315,7 @@ class ProcessLock:
         Raises:
             ProcLockError: this thread or task does not hold the lock through this object.
         """
+        self._fresh = None
         holds = self._live_holds()
         if not holds:
             if self._stale:
@@ -363,8 +370,15 @@ class ProcessLock:
 
     # -- context managers --------------------------------------------------------------------
 
+    def _enter_fresh(self) -> bool:
+        fresh, self._fresh = self._fresh, None
+        return fresh is not None and fresh == (_owners.current_owner(), len(self._live_holds()))
+
     def __enter__(self) -> Self:
-        return self.acquire()
+        if not self._enter_fresh():
+            self.acquire()
+            self._fresh = None
+        return self
 
     def __exit__(
         self,
@@ -375,7 +389,10 @@ class ProcessLock:
         self.release()
 
     async def __aenter__(self) -> Self:
-        return await self.acquire_async()
+        if not self._enter_fresh():
+            await self.acquire_async()
+            self._fresh = None
+        return self
 
     async def __aexit__(
         self,

@@ -378,6 +378,29 @@ def _close_idle() -> None:
             del _entries[path]
 
 
+def _refuse_self_deadlock(entry: Entry, owner: object, *, sync: bool) -> None:
+    """Refuse a wait that only this very thread could end: it would hang forever.
+
+    A task waiting for a lock that its own thread holds outside the event loop, or a thread
+    blocking synchronously (inside a task) for a lock another task of the same loop holds.
+    """
+    me = threading.get_ident()
+    blocker = None
+    if owner != me and me in entry.owners:
+        blocker = "the thread running this event loop, outside it"
+    elif sync and not isinstance(owner, int):
+        loop = owner.get_loop()  # type: ignore[attr-defined]
+        for other in entry.owners:
+            if not isinstance(other, int) and other.get_loop() is loop:  # type: ignore[attr-defined]
+                blocker = "another task of this event loop (await the lock instead)"
+    if blocker is not None:
+        msg = (
+            f"{entry.name!r} ({entry.path}) is held by {blocker}: waiting here would never "
+            "end; release it first"
+        )
+        raise ProcLockError(msg)
+
+
 def acquire(
     entry: Entry,
     op: int,
@@ -397,6 +420,7 @@ def acquire(
             return
         if not blocking:
             raise _Busy
+        _refuse_self_deadlock(entry, owner, sync=True)
         waiter = _ThreadWaiter(op)
         start_waiting(entry, waiter)
     try:
@@ -447,6 +471,7 @@ async def acquire_async(
             return
         if not blocking:
             raise _Busy
+        _refuse_self_deadlock(entry, owner, sync=False)
         waiter = _TaskWaiter(op, loop)
         start_waiting(entry, waiter)
     try:

@@ -1,0 +1,49 @@
+"""Shared fixtures: a private lock directory per test, and spawn-context helpers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import proclock
+
+SPAWN = multiprocessing.get_context("spawn")
+FORK = multiprocessing.get_context("fork")
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))  # so that spawned children can import tests' helper modules
+
+
+@pytest.fixture
+def lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh lock directory, also exported as PROCLOCK_DIR (children inherit it)."""
+    d = tmp_path / "locks"
+    d.mkdir(mode=0o700)
+    monkeypatch.setenv("PROCLOCK_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def fd_count():
+    """Number of open descriptors of this process, as a callable."""
+
+    def count() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    return count
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_holds():
+    """Each test starts and ends with nothing held by this process."""
+    yield
+    from proclock import _owners
+
+    held = {p: s for p, s in _owners.snapshot().items() if s["owners"]}
+    assert not held, f"test left locks held: {held}"
+
+
+__all__ = ["FORK", "SPAWN", "TESTS", "proclock"]

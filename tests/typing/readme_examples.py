@@ -1,0 +1,68 @@
+"""The README's examples, checked by `mypy --strict` in CI and run by tests/test_readme.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+from proclock import Holder, ProcessLock, Retry, lock_path, process_locked, singleton_process
+
+
+@process_locked
+def refresh_cache() -> int:
+    return 1
+
+
+@process_locked("billing-export", timeout=30)
+def export() -> str:
+    return "exported"
+
+
+@process_locked("sync-{account_id}")
+def sync(account_id: int, dry_run: bool = False) -> tuple[int, bool]:  # noqa: FBT001, FBT002
+    return account_id, dry_run
+
+
+@process_locked(blocking=False, on_contention="skip")
+def maybe_compact() -> None:
+    return None
+
+
+@process_locked(shared=True, retry=Retry(attempts=3), timeout=1)
+def read_report() -> list[str]:
+    return []
+
+
+@process_locked(name=lambda account_id: f"acct-{account_id}")
+async def refresh_account(account_id: int) -> int:
+    return account_id
+
+
+@singleton_process
+def main() -> int:
+    return 0
+
+
+def use_lock() -> Holder | None:
+    with ProcessLock("name", timeout=5) as lock:
+        who: Holder | None = lock.holder()
+        assert lock.locked  # noqa: S101
+    with lock.acquire(timeout=1):
+        pass
+    print(lock_path("billing-export"), lock.path)  # noqa: T201
+    return who
+
+
+async def use_async() -> int:
+    async with ProcessLock("name", timeout=5):
+        return await refresh_account(7)
+
+
+def run_all() -> None:
+    total: int = refresh_cache() + main()
+    label: str = export()
+    pair: tuple[int, bool] = sync(1)
+    maybe_compact()
+    rows: list[str] = read_report()
+    use_lock()
+    value: int = asyncio.run(use_async())
+    assert (total, label, pair, rows, value) == (1, "exported", (1, False), [], 7)  # noqa: S101
