@@ -294,7 +294,8 @@ def _build(
     *,
     singleton: bool,
 ) -> Any:
-    if not callable(func):
+    # classmethod objects are not callable themselves; wrapt binds them (decorator outside).
+    if not callable(func) and not isinstance(func, (classmethod, staticmethod)):
         msg = f"proclock decorates functions, not {type(func).__name__}"
         raise TypeError(msg)
     _check_outcome(on_contention, exit_code)

@@ -17,6 +17,22 @@ DEFAULT = "default"  # created 0700, must be ours and private
 NAMED = "named"  # given by the user: may be shared on purpose, but never a trap
 
 
+# os.environ's own dict (bytes keys on POSIX), read directly at each acquisition: 0.1 us
+# instead of 0.5 us through the Mapping API. os.environ updates it on every assignment.
+_ENV_DATA = getattr(os.environ, "_data", None)
+if not isinstance(_ENV_DATA, dict) or os.name != "posix":  # pragma: no cover
+    _ENV_DATA = None
+
+
+def environment_key() -> tuple[object, object]:
+    """What the default directory depends on, read now: compared, never parsed."""
+    data = _ENV_DATA
+    if data is not None:
+        return data.get(b"PROCLOCK_DIR"), data.get(b"XDG_RUNTIME_DIR")
+    environ = os.environ
+    return environ.get("PROCLOCK_DIR"), environ.get("XDG_RUNTIME_DIR")
+
+
 def resolve(lock_dir: StrPath | None) -> tuple[str, str]:
     """Return (directory, kind), read afresh at each call so that the environment can change."""
     if lock_dir is not None:

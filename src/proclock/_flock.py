@@ -25,8 +25,9 @@ _OPEN_FLAGS = (
 )
 EX = fcntl.LOCK_EX
 SH = fcntl.LOCK_SH
-_NB = fcntl.LOCK_NB
+NB = fcntl.LOCK_NB
 _UN = fcntl.LOCK_UN
+flock = fcntl.flock  # for the registry's inlined fast path
 
 _KINDS = (
     (stat.S_ISLNK, "a symlink"),
@@ -88,7 +89,7 @@ def open_lock_file(path: str, mode: int) -> tuple[int, os.stat_result]:
     raise OSError(errno.EAGAIN, msg, path)
 
 
-def _with_path(exc: OSError, path: str) -> OSError:
+def with_path(exc: OSError, path: str) -> OSError:
     if exc.filename is None:
         exc.filename = path
     return exc
@@ -97,11 +98,11 @@ def _with_path(exc: OSError, path: str) -> OSError:
 def try_lock(fd: int, op: int, path: str) -> bool:
     """One non-blocking attempt; False if another open file description holds it."""
     try:
-        fcntl.flock(fd, op | _NB)
+        fcntl.flock(fd, op | NB)
     except BlockingIOError:
         return False
     except OSError as exc:  # ENOLCK, EBADF, EINVAL...: never a silent run without the lock
-        raise _with_path(exc, path) from None
+        raise with_path(exc, path) from None
     return True
 
 
@@ -110,29 +111,26 @@ def wait_lock(fd: int, op: int, path: str) -> None:
     try:
         fcntl.flock(fd, op)
     except OSError as exc:
-        raise _with_path(exc, path) from None
+        raise with_path(exc, path) from None
 
 
 def unlock(fd: int) -> None:
     fcntl.flock(fd, _UN)
 
 
-def still_at_path(fd: int, path: str) -> os.stat_result | None:
-    """fstat(fd) if it is still the regular file at `path`, else None (deleted or replaced).
+def still_at_path(dev: int, ino: int, path: str) -> os.stat_result | None:
+    """lstat(path) if the file there is still the one we opened (`dev`, `ino`), else None.
 
     Checked after every acquisition: a tmp cleaner or `proclock gc` may have unlinked the file
     while we waited, and a lock on an orphaned inode excludes nobody (the filelock unlink race).
+    `dev` and `ino` are fstat(fd)'s, taken at open: they never change for a descriptor, so
+    comparing them with lstat(path) is the fstat/lstat check at one syscall; a match also
+    proves st_nlink >= 1 (the inode is linked at `path`).
     """
-    st = os.fstat(fd)
     try:
         now = os.lstat(path)
     except FileNotFoundError:
         return None
-    if (
-        st.st_ino != now.st_ino
-        or st.st_dev != now.st_dev
-        or st.st_nlink < 1
-        or not stat.S_ISREG(now.st_mode)
-    ):
+    if now.st_ino != ino or now.st_dev != dev or not stat.S_ISREG(now.st_mode):
         return None
-    return st
+    return now

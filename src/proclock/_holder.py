@@ -97,23 +97,22 @@ def metadata_prefix(name: str) -> bytes:
     return prefix
 
 
-def metadata(name: str) -> bytes:
-    """The record written after each exclusive acquisition, padded to a fixed size."""
-    prefix = metadata_prefix(name)
-    body = prefix + f"{time.time():.6f}}}".encode()
-    size = -(-(len(prefix) + 32) // _META_BLOCK) * _META_BLOCK
-    return body + b" " * (size - len(body) - 1) + b"\n"
+def metadata_parts(name: str) -> tuple[bytes, bytes]:
+    """(prefix, suffix) of this process's record: the acquisition time goes between them.
 
-
-def write_metadata(fd: int, record: bytes, current_size: int) -> None:
-    """Replace the file's content with `record` (we hold the exclusive lock).
-
-    Records have a fixed size per name and process, so in the steady state this is one pwrite;
-    a file of another size (someone else's record, garbage) is also truncated to it.
+    The record is padded to a multiple of 256 bytes, always the same size for one name and
+    process, so that rewriting it after each acquisition is one pwrite.
     """
-    os.pwrite(fd, record, 0)
-    if current_size != len(record):
-        os.ftruncate(fd, len(record))
+    prefix = metadata_prefix(name)
+    size = -(-(len(prefix) + 32) // _META_BLOCK) * _META_BLOCK
+    # "%.6f" of an epoch time is 17 characters until the year 2286: the size stays fixed.
+    return prefix, b"}" + b" " * (size - len(prefix) - 19) + b"\n"
+
+
+def metadata(name: str) -> bytes:
+    """The record written after each exclusive acquisition."""
+    prefix, suffix = metadata_parts(name)
+    return prefix + b"%.6f" % time.time() + suffix
 
 
 def _parse(data: bytes) -> dict[str, Any] | None:

@@ -59,6 +59,7 @@ class ProcessLock:
         "_blocking",
         "_fresh",
         "_holds",
+        "_label",
         "_lock_dir",
         "_mode",
         "_name",
@@ -69,6 +70,7 @@ class ProcessLock:
         "_shared",
         "_stale",
         "_timeout",
+        "_where",
     )
 
     def __init__(
@@ -104,7 +106,12 @@ class ProcessLock:
         self._blocking = blocking
         self._shared = shared
         self._op = _owners.SH if shared else _owners.EX
-        self._lock_dir = lock_dir
+        # An explicit lock_dir is made absolute now, against the current directory, as path=
+        # is; the environment ($PROCLOCK_DIR, $XDG_RUNTIME_DIR) is read at each acquisition.
+        self._lock_dir = os.path.abspath(os.fspath(lock_dir)) if lock_dir is not None else None
+        self._label = self._name if self._name is not None else str(self._path)
+        # (environment key, located file): re-read when the environment changes.
+        self._where: tuple[object, tuple[str, str | None, str]] | None = None
         self._mode = _policy.check_mode(mode)
         self._reentrant = reentrant
         # (owner, entry, fork generation) per hold, most recent last.
@@ -119,15 +126,21 @@ class ProcessLock:
     @property
     def name(self) -> str:
         """The lock's name (the path for a lock made with path=)."""
-        return self._name if self._name is not None else str(self._path)
+        return self._label
 
     def _locate(self) -> tuple[str, str | None, str]:
         """(file path, directory to vet or None for path=, directory kind), resolved now."""
         if self._path is not None:
             return self._path, None, _dirs.NAMED
         assert self._name is not None  # noqa: S101
+        key = None if self._lock_dir is not None else _dirs.environment_key()
+        where = self._where
+        if where is not None and where[0] == key:
+            return where[1]
         directory, kind = _dirs.resolve(self._lock_dir)
-        return os.path.join(directory, _names.file_name(self._name)), directory, kind
+        located = os.path.join(directory, _names.file_name(self._name)), directory, kind
+        self._where = (key, located)
+        return located
 
     @property
     def path(self) -> str:
@@ -260,6 +273,21 @@ class ProcessLock:
     # (one ProcessLock) is called by many threads and tasks at once.
 
     def _take(self, owner: object) -> _owners.Entry:
+        path, directory, kind = self._locate()
+        with _owners._mutex:  # noqa: SLF001
+            # The uncontended fast path: one LOCK_NB, one lstat, one pwrite.
+            entry = _owners._entries.get(path)  # noqa: SLF001
+            if entry is None or entry.name is not self._label:
+                entry = _owners.entry_for(path, directory, kind, self._label, self._mode)
+            if entry.owners and _owners.reenter(entry, self._op, owner, reentrant=self._reentrant):
+                return entry
+            if entry.try_take(self._op, owner):
+                if _log.isEnabledFor(_DEBUG):
+                    _log.debug("acquired %r (%s) at once", self._label, path)
+                return entry
+        return self._take_waiting(owner)
+
+    def _take_waiting(self, owner: object) -> _owners.Entry:
         pauses = self._retry.pauses()
         while True:
             result = self._attempt(owner, self._blocking, self._timeout)
@@ -299,12 +327,14 @@ class ProcessLock:
 
     def _give(self, entry: _owners.Entry, owner: object) -> None:
         _owners.release(entry, owner)
-        _log.debug("released %r (%s)", self.name, entry.path)
+        if _log.isEnabledFor(_DEBUG):
+            _log.debug("released %r (%s)", self._label, entry.path)
 
     def _renamed(self, name: str) -> ProcessLock:
         """A lock with the same (already validated) options under another name."""
         clone = self._copy()
-        clone._name = _names.check_name(name)  # noqa: SLF001
+        clone._name = clone._label = _names.check_name(name)  # noqa: SLF001
+        clone._where = None  # noqa: SLF001  (the base's cached file is another name's)
         return clone
 
     def release(self) -> None:
