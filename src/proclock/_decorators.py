@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import re
 import sys
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from . import _names, _owners
 from ._errors import AlreadyRunningError, LockHeldError, LockNameError
 from ._lock import ProcessLock
 
+TYPE_CHECKING = False  # typing costs ~3 ms of import time; mypy reads this as typing's
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any, Literal, TypeVar, overload
 
     from typing_extensions import ParamSpec
 
@@ -20,14 +20,18 @@ if TYPE_CHECKING:
 
     P = ParamSpec("P")
     OnContention = Literal["raise", "skip", "exit"] | Callable[[LockHeldError], Any]
+    R = TypeVar("R")
+else:
 
-R = TypeVar("R")
+    def overload(func: object) -> object:
+        """At run time the implementation, defined last, replaces the typed variants."""
+        return func
+
 
 _CO_GENERATOR = 0x20
 _CO_COROUTINE = 0x80
 _CO_ITERABLE_COROUTINE = 0x100
 _CO_ASYNC_GENERATOR = 0x200
-_FIELD_ROOT = re.compile(r"[^.\[]*")
 _OUTCOMES = ("raise", "skip", "exit")
 _CACHE_MAX = 1024
 
@@ -95,7 +99,7 @@ class _Namer:
         for _, field, _, _ in parsed:
             if field is None:
                 continue
-            root = _FIELD_ROOT.match(field).group()  # type: ignore[union-attr]
+            root = field.split(".", 1)[0].split("[", 1)[0]
             if not root or root.isdigit():
                 raise LockNameError(
                     template,
@@ -174,9 +178,9 @@ class _Spec:
 
 
 def _owners_log() -> Any:
-    import logging  # noqa: PLC0415
+    from ._lock import _log  # noqa: PLC0415
 
-    return logging.getLogger("proclock")
+    return _log
 
 
 def _decorate(func: Any, spec: _Spec) -> Any:
@@ -326,7 +330,7 @@ def process_locked(func: Callable[P, R], /) -> Callable[P, R]: ...
 
 
 @overload
-def process_locked(
+def process_locked(  # noqa: F811
     func: str | None = None,
     /,
     *,
@@ -344,7 +348,7 @@ def process_locked(
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
-def process_locked(
+def process_locked(  # noqa: F811  (the implementation after the typed variants)
     func: Any = None,
     /,
     *,
@@ -407,7 +411,7 @@ def singleton_process(func: Callable[P, R], /) -> Callable[P, R]: ...
 
 
 @overload
-def singleton_process(
+def singleton_process(  # noqa: F811
     func: str | None = None,
     /,
     *,
@@ -424,7 +428,7 @@ def singleton_process(
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
-def singleton_process(
+def singleton_process(  # noqa: F811  (the implementation after the typed variants)
     func: Any = None,
     /,
     *,

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import stat
 import time
-from dataclasses import dataclass
-from typing import Any
+
+from ._record import Frozen
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 _META_BLOCK = 256  # metadata is padded to a multiple of this: same size, one pwrite per acquisition
 _READ_MAX = 65536
@@ -14,17 +18,41 @@ _SELF_CACHE_MAX = 1024
 _PROC_LOCKS_FIELDS = 6
 
 
-@dataclass(frozen=True)
-class Holder:
-    """The process holding a lock; fields are None where they cannot be known."""
+class Holder(Frozen):
+    """The process holding a lock; fields are None where they cannot be known.
 
+    `acquired_at` is a Unix time; `start_time` is the process start time in clock ticks since
+    boot (from /proc), which tells a reused pid apart; `shared` is True for a reader lock.
+    """
+
+    __slots__ = ("pid", "hostname", "argv", "acquired_at", "shared", "name", "start_time")  # noqa: RUF023
     pid: int | None
-    hostname: str | None = None
-    argv: tuple[str, ...] | None = None
-    acquired_at: float | None = None
-    shared: bool = False
-    name: str | None = None
-    start_time: int | None = None
+    hostname: str | None
+    argv: tuple[str, ...] | None
+    acquired_at: float | None
+    shared: bool
+    name: str | None
+    start_time: int | None
+
+    def __init__(  # noqa: PLR0917  (as the dataclass it replaces: positional in field order)
+        self,
+        pid: int | None,
+        hostname: str | None = None,
+        argv: tuple[str, ...] | None = None,
+        acquired_at: float | None = None,
+        shared: bool = False,  # noqa: FBT002
+        name: str | None = None,
+        start_time: int | None = None,
+    ) -> None:
+        self._init(
+            pid=pid,
+            hostname=hostname,
+            argv=argv,
+            acquired_at=acquired_at,
+            shared=shared,
+            name=name,
+            start_time=start_time,
+        )
 
     @property
     def command(self) -> str | None:
@@ -138,11 +166,16 @@ def read_metadata(path: str) -> dict[str, Any] | None:
         os.close(fd)
 
 
-@dataclass(frozen=True)
-class KernelLock:
+class KernelLock(Frozen):
+    """One flock(2) lock or waiter on a file, as /proc/locks lists it."""
+
+    __slots__ = ("pid", "shared", "waiting")
     pid: int
     shared: bool
     waiting: bool
+
+    def __init__(self, pid: int, shared: bool, waiting: bool) -> None:
+        self._init(pid=pid, shared=shared, waiting=waiting)
 
 
 def kernel_locks(st: os.stat_result) -> list[KernelLock] | None:

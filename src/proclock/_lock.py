@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import os
+import sys
 import time
-from typing import TYPE_CHECKING, Any
 
 from . import _dirs, _holder, _names, _owners, _policy
 from ._errors import LockHeldError, LockTimeoutError, ProcLockError
 
+TYPE_CHECKING = False  # typing costs ~3 ms of import time; mypy reads this as typing's
 if TYPE_CHECKING:
     import pathlib
     from types import TracebackType
+    from typing import Any
 
     from typing_extensions import Self
 
@@ -20,8 +21,36 @@ if TYPE_CHECKING:
     from ._holder import Holder
     from ._policy import Retry
 
-_log = logging.getLogger("proclock")
-_DEBUG = logging.DEBUG
+_DEBUG = 10  # logging.DEBUG
+
+
+class _Log:
+    """logging.getLogger("proclock"), without importing logging into a program that does not.
+
+    A program that never imported logging has configured no handler, so there is nothing
+    that could show a debug line: checking is then free, and `import proclock` stays cheap.
+    """
+
+    __slots__ = ("_logger",)
+
+    def __init__(self) -> None:
+        self._logger: Any = None
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802  (the logging API's name)
+        logger = self._logger
+        if logger is None:
+            logging = sys.modules.get("logging")
+            if logging is None:
+                return False
+            logger = self._logger = logging.getLogger("proclock")
+        return bool(logger.isEnabledFor(level))
+
+    def debug(self, msg: str, *args: object) -> None:
+        if self.isEnabledFor(_DEBUG):
+            self._logger.debug(msg, *args)
+
+
+_log = _Log()
 
 # Module attributes so that tests can inject a clock and a sleep (timing logic is tested
 # without wall time).
@@ -266,7 +295,7 @@ class ProcessLock:
         for slot in ProcessLock.__slots__:
             if slot != "__weakref__":
                 setattr(clone, slot, getattr(self, slot))
-        clone._holds, clone._stale, clone._fresh = [], 0, None  # noqa: SLF001
+        clone._holds, clone._stale, clone._fresh = [], 0, None
         return clone
 
     # The decorators hold through these, without touching `_holds`: one decorated function
@@ -311,6 +340,8 @@ class ProcessLock:
             start = _monotonic()
             wait = self._blocking and self._timeout != 0
             deadline = None if self._timeout is None else start + self._timeout
+            if wait and _log.isEnabledFor(_DEBUG):
+                _log.debug("waiting for %r (%s)", self._label, entry.path)
             try:
                 await _owners.acquire_async(
                     entry, self._op, owner, blocking=wait, deadline=deadline, clock=_monotonic
@@ -318,7 +349,9 @@ class ProcessLock:
             except _owners._Busy:  # noqa: SLF001
                 error = self._give_up(entry, _monotonic() - start, timed_out=wait)
             else:
-                _log.debug("acquired %r (%s)", self.name, entry.path)
+                if _log.isEnabledFor(_DEBUG):
+                    waited = _monotonic() - start
+                    _log.debug("acquired %r (%s) after %.6fs", self._label, entry.path, waited)
                 return entry
             pause = next(pauses, None)
             if pause is None:

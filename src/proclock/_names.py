@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import sys
-from typing import Any
 
 from ._errors import LockNameError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # Bounded prefix: 64 readable bytes + "-" + 32 hex digits + ".lock" = 102 bytes, far below
 # NAME_MAX (255), so even a directory that adds its own suffixes stays valid.
 _PREFIX_MAX = 64
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _FILE_NAMES: dict[str, str] = {}
 _FILE_NAMES_MAX = 4096
 
@@ -40,8 +41,11 @@ def file_name(name: str) -> str:
     cached = _FILE_NAMES.get(name)
     if cached is not None:
         return cached
+    import hashlib  # noqa: PLC0415  (lazy: ~2 ms of import time)
+
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    prefix = _UNSAFE.sub("_", name).lstrip(".")[:_PREFIX_MAX] or "lock"
+    readable = "".join(c if c in _SAFE else "_" for c in name[: _PREFIX_MAX * 2])
+    prefix = readable.lstrip(".")[:_PREFIX_MAX] or "lock"
     result = f"{prefix}-{digest}.lock"
     if len(_FILE_NAMES) >= _FILE_NAMES_MAX:
         _FILE_NAMES.clear()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-import random
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from ._record import Frozen
+
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import random as _random_module
     from collections.abc import Iterator
+    from typing import Any
 
 
 def _number(option: str, value: object, *, minimum: float, allow_equal: bool = True) -> float:
@@ -23,21 +25,34 @@ def _number(option: str, value: object, *, minimum: float, allow_equal: bool = T
     return v
 
 
-@dataclass(frozen=True)
-class Retry:
+class Retry(Frozen):
     """What to do after an attempt fails: sleep, then try again, `attempts` times in all.
 
     `delay` is the pause before the second attempt; each later pause is multiplied by
     `backoff`, capped at `max_delay`, and varied by up to ±`jitter` (a fraction of the pause).
     """
 
+    __slots__ = ("attempts", "delay", "backoff", "max_delay", "jitter")  # noqa: RUF023
     attempts: int
-    delay: float = 0.1
-    backoff: float = 2.0
-    max_delay: float = 10.0
-    jitter: float = 0.1
+    delay: float
+    backoff: float
+    max_delay: float
+    jitter: float
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        attempts: int,
+        delay: float = 0.1,
+        backoff: float = 2.0,
+        max_delay: float = 10.0,
+        jitter: float = 0.1,
+    ) -> None:
+        self._init(
+            attempts=attempts, delay=delay, backoff=backoff, max_delay=max_delay, jitter=jitter
+        )
+        self._check()
+
+    def _check(self) -> None:
         if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
             msg = f"Retry(attempts=) must be an int, not {type(self.attempts).__name__}"
             raise TypeError(msg)
@@ -52,14 +67,28 @@ class Retry:
             msg = f"Retry(jitter=) is a fraction of the pause, 0..1, got {self.jitter!r}"
             raise ValueError(msg)
 
-    def pauses(self, rng: random.Random | None = None) -> Iterator[float]:
+    def pauses(self, rng: _random_module.Random | None = None) -> Iterator[float]:
         """The `attempts - 1` pauses between attempts, in seconds."""
-        uniform = (rng or random).uniform
+        uniform = (rng or _random()).uniform
         pause = float(self.delay)
         for _ in range(self.attempts - 1):
             capped = min(pause, self.max_delay)
             yield max(0.0, capped * (1 + uniform(-self.jitter, self.jitter)))
             pause *= self.backoff
+
+
+# The random module, imported on first use (~2 ms of import time otherwise); tests may put a
+# seeded random.Random here.
+random: Any = None
+
+
+def _random() -> Any:
+    global random  # noqa: PLW0603
+    if random is None:
+        import random as module  # noqa: PLC0415
+
+        random = module
+    return random
 
 
 ONE_ATTEMPT = Retry(attempts=1)
