@@ -283,6 +283,10 @@ class Entry:
                 _flock.unlock(self.fd)
             self.wake_all()
 
+    def busy(self) -> bool:
+        """Held by an owner here, granted, or someone is already in the kernel for it."""
+        return bool(self.op or self.granted or self.helper)
+
     def idle(self) -> bool:
         return not (self.owners or self.waiters or self.helper or self.granted)
 
@@ -454,6 +458,11 @@ def acquire(
 ) -> None:
     """Take `entry` for `owner` in this thread, waiting in the kernel if allowed.
 
+    A wait without a deadline blocks in flock(2) in this very thread (one hop fewer: the
+    kernel hands the lock straight to us; Ctrl-C interrupts it in the main thread, as PEP 475
+    lets a raising signal handler do). A wait with a deadline waits on an event while the
+    path's helper thread blocks in flock(2) on our behalf.
+
     Raises:
         _Busy: held elsewhere, and not blocking or the deadline passed.
     """
@@ -464,13 +473,9 @@ def acquire(
             raise _Busy
         _refuse_self_deadlock(entry, owner, sync=True)
         waiter = _ThreadWaiter(op)
-        start_waiting(entry, waiter)
+        entry.waiters.append(waiter)
     try:
         while True:
-            remaining = None if deadline is None else deadline - clock()
-            if remaining is not None and remaining <= 0:
-                raise _Busy
-            waiter.wait(remaining)
             with _mutex:
                 waiter.rearm()
                 if waiter.error is not None:
@@ -478,15 +483,49 @@ def acquire(
                     raise error
                 if entry.try_take(op, owner):
                     return
-                entry.start_helper()
-                if entry.helper or entry.op or entry.granted:
-                    continue
-            # Nobody is in the kernel for us and the lock is free again: loop to try.
-            waiter.wake()
+                fd = entry.fd
+                direct = deadline is None and fd is not None and not entry.busy()
+                if direct:
+                    entry.helper = True  # we are the one in the kernel for this path
+                else:
+                    entry.start_helper()
+            if direct:
+                assert fd is not None  # noqa: S101
+                if _wait_in_kernel(entry, fd, op, owner):
+                    return
+                continue
+            remaining = None if deadline is None else deadline - clock()
+            if remaining is not None and remaining <= 0:
+                raise _Busy
+            waiter.wait(remaining)
     finally:
         with _mutex:
             entry.waiters.remove(waiter)
             entry.drop_grant_if_unwanted()
+
+
+def _wait_in_kernel(entry: Entry, fd: int, op: int, owner: object) -> bool:
+    """Block in flock(2) in this thread; True once the lock is taken for `owner`."""
+    got = False
+    try:
+        _flock.wait_lock(fd, op, entry.path)
+        got = True
+    finally:
+        with _mutex:
+            entry.helper = False
+            taken = False
+            if got:
+                if entry._locked_and_verified(fd):  # noqa: SLF001
+                    if op == EX:
+                        entry._write_metadata(fd)  # noqa: SLF001
+                    entry.op = op
+                    entry.owners[owner] = 1
+                    taken = True
+                else:
+                    entry._open()  # noqa: SLF001  (replaced while we waited: the new file)
+            if not taken:
+                entry.wake_all()  # someone else may now wait in the kernel instead
+    return taken
 
 
 def start_waiting(entry: Entry, waiter: Waiter) -> None:
