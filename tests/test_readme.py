@@ -23,7 +23,9 @@ def test_readme_examples_run(lock_dir):
 
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    commands = re.findall(r"^python3 -m venv .venv && \. \.venv/bin/activate && (.+)$", readme, re.M)
+    commands = re.findall(
+        r"^python3 -m venv .venv && \. \.venv/bin/activate && (.+)$", readme, re.MULTILINE
+    )
     assert len(commands) == 2, commands
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
 

@@ -38,6 +38,8 @@ class _Log:
 
     def isEnabledFor(self, level: int) -> bool:  # noqa: N802  (the logging API's name)
         logger = self._logger
+        if logger is not None:
+            return logger.isEnabledFor(level)  # type: ignore[no-any-return]
         if logger is None:
             logging = sys.modules.get("logging")
             if logging is None:
@@ -252,7 +254,9 @@ class ProcessLock:
         except _owners._Busy:  # noqa: SLF001
             return self._give_up(entry, _monotonic() - start, timed_out=wait)
         if _log.isEnabledFor(_DEBUG):
-            _log.debug("acquired %r (%s) after %.6fs", self.name, entry.path, _monotonic() - start)
+            now = _monotonic()
+            entry.since = now
+            _log.debug("acquired %r (%s) after %.6fs", self.name, entry.path, now - start)
         return entry
 
     def acquire(self, blocking: bool = UNSET, timeout: float | None = UNSET) -> Self:
@@ -267,9 +271,12 @@ class ProcessLock:
                 the exclusive lock.
             OSError: the lock file cannot be opened or locked (EACCES, EROFS, ENOLCK...).
         """
-        entry = self._with(blocking, timeout)._take(owner := _owners.current_owner())  # noqa: SLF001
-        self._holds.append((owner, entry, _owners.fork_generation))
-        self._fresh = (owner, len(self._holds))
+        lock = self if blocking is UNSET and timeout is UNSET else self._with(blocking, timeout)
+        owner = _owners.current_owner()
+        entry = lock._take(owner)  # noqa: SLF001
+        holds = self._holds
+        holds.append((owner, entry, _owners.fork_generation))
+        self._fresh = (owner, len(holds))
         return self
 
     async def acquire_async(self, blocking: bool = UNSET, timeout: float | None = UNSET) -> Self:
@@ -312,6 +319,7 @@ class ProcessLock:
                 return entry
             if entry.try_take(self._op, owner):
                 if _log.isEnabledFor(_DEBUG):
+                    entry.since = _monotonic()
                     _log.debug("acquired %r (%s) at once", self._label, path)
                 return entry
         return self._take_waiting(owner)
@@ -350,7 +358,8 @@ class ProcessLock:
                 error = self._give_up(entry, _monotonic() - start, timed_out=wait)
             else:
                 if _log.isEnabledFor(_DEBUG):
-                    waited = _monotonic() - start
+                    entry.since = now = _monotonic()
+                    waited = now - start
                     _log.debug("acquired %r (%s) after %.6fs", self._label, entry.path, waited)
                 return entry
             pause = next(pauses, None)
@@ -359,9 +368,11 @@ class ProcessLock:
             await asyncio.sleep(pause)
 
     def _give(self, entry: _owners.Entry, owner: object) -> None:
+        since = entry.since
         _owners.release(entry, owner)
         if _log.isEnabledFor(_DEBUG):
-            _log.debug("released %r (%s)", self._label, entry.path)
+            held = _monotonic() - since if since is not None else float("nan")
+            _log.debug("released %r (%s) after holding %.6fs", self._label, entry.path, held)
 
     def _renamed(self, name: str) -> ProcessLock:
         """A lock with the same (already validated) options under another name."""
@@ -379,6 +390,13 @@ class ProcessLock:
             ProcLockError: this thread or task does not hold the lock through this object.
         """
         self._fresh = None
+        holds = self._holds
+        if holds:
+            last = holds[-1]
+            if last[2] == _owners.fork_generation and last[0] == _owners.current_owner():
+                holds.pop()  # the common case: the innermost hold, by its owner
+                self._give(last[1], last[0])
+                return
         holds = self._live_holds()
         if not holds:
             if self._stale:
@@ -399,8 +417,7 @@ class ProcessLock:
                 raise ProcLockError(msg)
             i = 0  # the only hold: released on behalf of its owner, as threading.Lock allows
         owner, entry, _ = holds.pop(i)
-        _owners.release(entry, owner)
-        _log.debug("released %r (%s)", self.name, entry.path)
+        self._give(entry, owner)
 
     def transfer_on_fork(self) -> Self:
         """Hand this held lock to the child at the next os.fork() (for daemonizing).

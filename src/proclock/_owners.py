@@ -127,6 +127,7 @@ class Entry:
         "op",
         "owners",
         "path",
+        "since",
         "size",
         "transfer",
         "waiters",
@@ -143,6 +144,7 @@ class Entry:
         self.fd: int | None = None
         self.dev = self.ino = -1
         self.size = -1
+        self.since: float | None = None  # monotonic time of the acquisition, when logging
         self.meta: tuple[bytes, bytes] | None = None  # this process's record, but for the time
         self.op = 0  # what this process holds in the kernel for its owners: 0, SH or EX
         self.granted = 0  # what the helper obtained and no waiter has taken yet
@@ -404,6 +406,7 @@ def release(entry: Entry, owner: object) -> None:
         if entry.owners:
             return
         entry.op = 0
+        entry.since = None
         if entry.transfer:
             entry.transfer = []
         fd = entry.fd

@@ -18,7 +18,7 @@ def export() -> str:
 
 
 @process_locked("sync-{account_id}")
-def sync(account_id: int, dry_run: bool = False) -> tuple[int, bool]:  # noqa: FBT001, FBT002
+def sync(account_id: int, dry_run: bool = False) -> tuple[int, bool]:
     return account_id, dry_run
 
 
@@ -45,10 +45,10 @@ def main() -> int:
 def use_lock() -> Holder | None:
     with ProcessLock("name", timeout=5) as lock:
         who: Holder | None = lock.holder()
-        assert lock.locked  # noqa: S101
+        assert lock.locked
     with lock.acquire(timeout=1):
         pass
-    print(lock_path("billing-export"), lock.path)  # noqa: T201
+    print(lock_path("billing-export"), lock.path)
     return who
 
 
@@ -65,4 +65,4 @@ def run_all() -> None:
     rows: list[str] = read_report()
     use_lock()
     value: int = asyncio.run(use_async())
-    assert (total, label, pair, rows, value) == (1, "exported", (1, False), [], 7)  # noqa: S101
+    assert (total, label, pair, rows, value) == (1, "exported", (1, False), [], 7)
