@@ -127,7 +127,7 @@ class ProcessLock:
             msg = f"path={path!r} already names the file: lock_dir= cannot apply to it"
             raise ValueError(msg)
         self._name = _names.check_name(name) if name is not None else None
-        self._path = os.path.abspath(os.fspath(path)) if path is not None else None
+        self._path = _real_parent(os.fspath(path)) if path is not None else None
         self._timeout = _policy.check_timeout(timeout)
         self._retry = _policy.check_retry(retry)
         _policy.check_wait(blocking=blocking, timeout=self._timeout, retry=self._retry)
@@ -169,7 +169,10 @@ class ProcessLock:
         if where is not None and where[0] == key:
             return where[1]
         directory, kind = _dirs.resolve(self._lock_dir)
-        located = os.path.join(directory, _names.file_name(self._name)), directory, kind
+        # The registry is keyed by the file's real path: two spellings of one directory
+        # (a symlinked parent, `..`) must meet in one entry, or a thread would wait for itself.
+        real = os.path.join(os.path.realpath(directory), _names.file_name(self._name))
+        located = real, directory, kind
         self._where = (key, located)
         return located
 
@@ -481,6 +484,12 @@ class ProcessLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _real_parent(path: str) -> str:
+    """`path` with its directory resolved (symlinks, `..`), the last component kept as is."""
+    head, tail = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(head), tail)
 
 
 def lock_path(name: str, *, lock_dir: StrPath | None = None) -> pathlib.Path:
