@@ -53,16 +53,20 @@ def file_name(name: str) -> str:
     return result
 
 
-def main_module_name() -> str | None:
-    """The program's identity: the `-m` module name, else the script's absolute path."""
+def main_module_name(*, program: bool = False) -> str | None:
+    """The `-m` module name of `__main__`, else the script's absolute path.
+
+    With `program=True`, `pkg.__main__` (what `python -m pkg` runs) names the program `pkg`.
+    """
     main = sys.modules.get("__main__")
     if main is None:
         return None
     spec = getattr(main, "__spec__", None)
     spec_name = getattr(spec, "name", None)
     if isinstance(spec_name, str) and spec_name:
-        # `python -m pkg` runs `pkg.__main__`; the program is `pkg`.
-        return spec_name.removesuffix(".__main__")
+        # `python -m pkg` runs `pkg.__main__`; the program is `pkg`. A function's derived
+        # name keeps `pkg.__main__`, the module it would have if imported.
+        return spec_name.removesuffix(".__main__") if program else spec_name
     file = getattr(main, "__file__", None)
     if isinstance(file, str) and file:
         return os.path.abspath(file)
@@ -87,4 +91,4 @@ def derived_name(func: Any) -> str:
 
 def program_name(func: Any) -> str:
     """The name `singleton_process` uses: the program, not the decorated function."""
-    return main_module_name() or derived_name(func)
+    return main_module_name(program=True) or derived_name(func)
