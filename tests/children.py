@@ -228,14 +228,16 @@ def hold_until_go(name, lock_dir, locked, go, released_ns):
 def sigint_waiter():
     """Script: Ctrl-C while waiting leaves no lock, descriptor or thread behind.
 
-    Run as `python -c "import children; children.sigint_waiter()" NAME` while another process
-    holds NAME. Prints "waiting" once blocked; after the KeyboardInterrupt checks and prints
-    "interrupted"; on the line "released" waits for its helper to let go and prints "free"; on
-    the line "checked" makes the final checks and prints "OK".
+    Run as `python -c "import children; children.sigint_waiter()" NAME TIMEOUT` (seconds, or
+    "none" to wait forever) while another process holds NAME. Prints "waiting" once blocked;
+    after the KeyboardInterrupt checks and prints "interrupted"; on the line "released" waits
+    for its helper (if any) to let go and prints "free"; on the line "checked" makes the final
+    checks and prints "OK".
     """
-    from proclock import _owners  # noqa: PLC0415
+    from proclock import _owners
 
     name = sys.argv[1]
+    timeout = None if sys.argv[2] == "none" else float(sys.argv[2])
     try:
         proclock.ProcessLock(name, blocking=False).acquire()
     except proclock.LockHeldError:
@@ -253,7 +255,7 @@ def sigint_waiter():
     announcer = threading.Thread(target=announce, daemon=True)
     announcer.start()
     try:
-        lock.acquire()
+        lock.acquire(timeout=timeout)
     except KeyboardInterrupt:
         pass
     else:
@@ -269,7 +271,7 @@ def sigint_waiter():
     if sys.stdin.readline().strip() != "released":
         raise SystemExit("expected 'released'")
     # The helper still in flock(2) for nobody gets the lock now, and must let go at once.
-    if not wait_until(lambda: not _owners._entries[path].helper, timeout=10):  # noqa: SLF001
+    if not wait_until(lambda: not _owners._entries[path].helper, timeout=10):
         raise SystemExit("the helper kept waiting after the holder released")
     print("free", flush=True)
     if sys.stdin.readline().strip() != "checked":

@@ -11,11 +11,11 @@ import sys
 import threading
 import time
 
-import children
 import pytest
+
+import children
 from children import blocked_in_kernel, fd_targets, kernel_flocks, wait_until
 from conftest import FORK, SPAWN, TESTS
-
 from proclock import LockHeldError, LockTimeoutError, ProcessLock, _holder, _owners, lock_path
 
 FLOCK = "/usr/bin/flock"
@@ -174,7 +174,9 @@ def test_parent_sigkilled_while_forked_child_lives_frees_the_lock(lock_dir, star
         os.kill(parent.pid, signal.SIGKILL)
         parent.join(10)
         os.kill(child_pid.value, 0)  # the forked child lives on...
-        with ProcessLock("orphan", blocking=False):  # ...and does not keep the lock alive
+        lock = ProcessLock("orphan")
+        assert lock.holder() is None  # ...and does not keep the lock alive
+        with lock.acquire(blocking=False):
             pass
     finally:
         done.set()
@@ -187,7 +189,9 @@ def test_transfer_on_fork_hands_the_lock_to_the_child(lock_dir, start):
     state = SPAWN.Array("i", 5)
     child_ready, child_exit = SPAWN.Event(), SPAWN.Event()
     lock = ProcessLock("daemon")
-    parent = start(children.transfer_and_exit, "daemon", str(lock_dir), state, child_ready, child_exit)
+    parent = start(
+        children.transfer_and_exit, "daemon", str(lock_dir), state, child_ready, child_exit
+    )
     try:
         finish(parent)  # the parent released nothing and exited
         assert child_ready.is_set()
@@ -205,6 +209,26 @@ def test_transfer_on_fork_hands_the_lock_to_the_child(lock_dir, start):
         child_exit.set()
     with lock.acquire(timeout=10):  # free once the child exits
         assert lock.holder().pid == os.getpid()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="holder() names the exited parent: /proc/locks keeps the pid that took the lock, "
+    "and the child does not record itself as the holder after the transfer",
+)
+def test_holder_after_transfer_on_fork_is_the_child(lock_dir, start):
+    state = SPAWN.Array("i", 5)
+    child_ready, child_exit = SPAWN.Event(), SPAWN.Event()
+    parent = start(
+        children.transfer_and_exit, "daemon", str(lock_dir), state, child_ready, child_exit
+    )
+    try:
+        finish(parent)
+        found = ProcessLock("daemon").holder()
+        assert found is not None
+        assert found.pid == state[4]  # the daemon, not its exited parent
+    finally:
+        child_exit.set()
 
 
 # -- 5. exec ----------------------------------------------------------------------------------
@@ -301,11 +325,12 @@ def test_timed_out_wait_is_accurate_and_holds_nothing(lock_dir, start, fd_count,
 
 
 @pytest.mark.timeout(30)
-def test_ctrl_c_while_waiting_leaves_nothing_behind(lock_dir):
+@pytest.mark.parametrize("timeout", ["none", "30"])
+def test_ctrl_c_while_waiting_leaves_nothing_behind(lock_dir, timeout):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
     lock = ProcessLock("ctrl-c").acquire()
     script = subprocess.Popen(
-        [sys.executable, "-c", "import children; children.sigint_waiter()", "ctrl-c"],
+        [sys.executable, "-c", "import children; children.sigint_waiter()", "ctrl-c", timeout],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -319,7 +344,7 @@ def test_ctrl_c_while_waiting_leaves_nothing_behind(lock_dir):
         script.stdin.write("released\n")
         script.stdin.flush()
         assert script.stdout.readline() == "free\n"
-        with ProcessLock("ctrl-c", blocking=False):  # the script's helper let go
+        with ProcessLock("ctrl-c", blocking=False):  # its helper (if any) got it and let go
             pass
         out, _ = script.communicate("checked\n", timeout=30)
     finally:
@@ -357,7 +382,7 @@ def test_release_wakes_the_waiter_without_polling(lock_dir, start, timeout, in_m
     holder = start(children.hold_until_go, "handoff", str(lock_dir), locked, go, released_ns)
     assert ready(locked, holder)
     lock = ProcessLock("handoff")
-    returned_ns = []
+    returned_ns, in_kernel = [], []
 
     def wait():
         lock.acquire(timeout=timeout)
@@ -365,8 +390,8 @@ def test_release_wakes_the_waiter_without_polling(lock_dir, start, timeout, in_m
         lock.release()
 
     def announce():  # the holder releases only once we wait in the kernel
-        if wait_until(lambda: blocked_in_kernel(lock.path)):
-            go.set()
+        in_kernel.append(wait_until(lambda: blocked_in_kernel(lock.path), timeout=10))
+        go.set()
 
     helper = threading.Thread(target=announce if in_main_thread else wait)
     helper.start()
@@ -376,6 +401,7 @@ def test_release_wakes_the_waiter_without_polling(lock_dir, start, timeout, in_m
         announce()
     helper.join(30)
     finish(holder)
+    assert in_kernel == [True]  # woken by the kernel: a poller never blocks in flock(2)
     assert len(returned_ns) == 1
     latency = returned_ns[0] - released_ns.value
     assert 0 < latency < 50_000_000  # ns: far below the 50-250 ms of polling locks
