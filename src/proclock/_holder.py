@@ -96,18 +96,24 @@ def _json_str(value: str) -> str:
     return json.dumps(value)
 
 
-def metadata_prefix(name: str) -> bytes:
-    """Everything this process writes into a lock file except the acquisition time."""
+def metadata_prefix(name: str, via: int | None = None) -> bytes:
+    """Everything this process writes into a lock file except the acquisition time.
+
+    `via` is the pid the kernel shows as the holder when that is not us: the parent that
+    took the lock and handed it over with transfer_on_fork().
+    """
     pid = os.getpid()
     cached = _self_cache.get(name)
-    if cached is not None and cached[0] == pid:
+    if via is None and cached is not None and cached[0] == pid:
         return cached[1]  # type: ignore[no-any-return]
     import json  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
     start = _proc_start_time(pid)
+    extra = {} if via is None else {"via": via}
     head = json.dumps(
         {
+            **extra,
             "v": 1,
             "pid": pid,
             "host": os.uname().nodename,
@@ -119,19 +125,20 @@ def metadata_prefix(name: str) -> bytes:
         separators=(",", ":"),
     )
     prefix = (head[:-1] + ',"at":').encode("utf-8", "surrogatepass")
-    if len(_self_cache) > _SELF_CACHE_MAX:
-        _self_cache.clear()
-    _self_cache[name] = (pid, prefix)
+    if via is None:
+        if len(_self_cache) > _SELF_CACHE_MAX:
+            _self_cache.clear()
+        _self_cache[name] = (pid, prefix)
     return prefix
 
 
-def metadata_parts(name: str) -> tuple[bytes, bytes]:
+def metadata_parts(name: str, via: int | None = None) -> tuple[bytes, bytes]:
     """(prefix, suffix) of this process's record: the acquisition time goes between them.
 
     The record is padded to a multiple of 256 bytes, always the same size for one name and
     process, so that rewriting it after each acquisition is one pwrite.
     """
-    prefix = metadata_prefix(name)
+    prefix = metadata_prefix(name, via)
     size = -(-(len(prefix) + 32) // _META_BLOCK) * _META_BLOCK
     # "%.6f" of an epoch time is 17 characters until the year 2286: the size stays fixed.
     return prefix, b"}" + b" " * (size - len(prefix) - 19) + b"\n"
@@ -224,10 +231,17 @@ def _from_meta(meta: dict[str, Any] | None, pid: int | None) -> Holder | None:
     if meta is None:
         return None
     mpid = meta.get("pid")
-    if not isinstance(mpid, int) or (pid is not None and mpid != pid):
+    if not isinstance(mpid, int) or isinstance(mpid, bool):
         return None
     start = meta.get("start")
-    if isinstance(start, int) and _proc_start_time(mpid) not in (None, start):
+    if pid is not None and mpid != pid:
+        # The kernel names the process that called flock(2); a lock handed to a forked
+        # child with transfer_on_fork() is held by the child, whose record says "via".
+        if meta.get("via") != pid or not isinstance(start, int):
+            return None
+        if _proc_start_time(mpid) != start:
+            return None  # that child is gone (or its pid was reused)
+    elif isinstance(start, int) and _proc_start_time(mpid) not in (None, start):
         return None  # the pid was reused by another process since the record was written
     argv = meta.get("argv")
     at = meta.get("at")

@@ -130,6 +130,7 @@ class Entry:
         "since",
         "size",
         "transfer",
+        "via",
         "waiters",
     )
 
@@ -153,6 +154,7 @@ class Entry:
         self.helper = False
         # Set by ProcessLock.transfer_on_fork(): called at the next fork, in parent and child.
         self.transfer: list[Callable[[bool], None]] = []
+        self.via: int | None = None  # the pid flock(2) recorded, when a parent handed it to us
 
     def wake_all(self) -> None:
         for waiter in self.waiters:
@@ -191,7 +193,7 @@ class Entry:
     def _write_metadata(self, fd: int) -> None:
         meta = self.meta
         if meta is None:
-            meta = self.meta = _holder.metadata_parts(self.name)
+            meta = self.meta = _holder.metadata_parts(self.name, self.via)
         record = meta[0] + b"%.6f" % _time() + meta[1]
         try:
             os.pwrite(fd, record, 0)  # fixed size per name and process: one syscall
@@ -409,6 +411,8 @@ def release(entry: Entry, owner: object) -> None:
         entry.since = None
         if entry.transfer:
             entry.transfer = []
+        if entry.via is not None:  # our next acquisition is in our own name
+            entry.via = entry.meta = None
         fd = entry.fd
         try:
             if fd is not None:
@@ -615,6 +619,16 @@ def _after_fork_in_child() -> None:
             entry.waiters = []
             entry.helper = False
             entry.meta = None  # a new pid
+            if entry.via is None:
+                entry.via = os.getppid()  # the process that called flock(2): the kernel's holder
+            if entry.op == EX:
+                try:
+                    entry._write_metadata(entry.fd)  # noqa: SLF001  (holder() names us now)
+                except OSError:
+                    entry.fd = None  # it closed the descriptor: nothing is held any more
+                    entry.owners = {}
+                    del _entries[path]
+                    continue
             hooks, entry.transfer = entry.transfer, []
             for hook in hooks:
                 hook(True)  # noqa: FBT003
