@@ -207,6 +207,7 @@ def steady(d: str, quick: bool) -> dict[str, Any]:
         [
             ["after warm-up", r["fd0"], r["rss0"], r["threads0"]],
             [f"after {ok:,} uncontended acquisitions", r["fd1"], r["rss1"], r["threads1"]],
+            ["holder started, 10 timed-out (warm-up)", r["fdw"], r["rssw"], r["threadsw"]],
             [f"after {timed_out:,} timed-out acquisitions", r["fd2"], r["rss2"], r["threads2"]],
         ],
     )
