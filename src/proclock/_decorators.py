@@ -178,9 +178,9 @@ class _Spec:
 
 
 def _owners_log() -> Any:
-    from ._lock import _log  # noqa: PLC0415
+    from ._logging import log  # noqa: PLC0415
 
-    return _log
+    return log
 
 
 def _decorate(func: Any, spec: _Spec) -> Any:

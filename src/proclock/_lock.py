@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-from . import _dirs, _holder, _names, _owners, _policy
-from ._errors import LockHeldError, LockTimeoutError, ProcLockError
+from . import _dirs, _names, _owners, _policy
+from ._errors import LockHeldError, ProcLockError
+from ._logging import log as _log
+from .backends.flock import FLOCK
 
 TYPE_CHECKING = False  # typing costs ~3 ms of import time; mypy reads this as typing's
 if TYPE_CHECKING:
@@ -20,39 +21,9 @@ if TYPE_CHECKING:
     from ._dirs import StrPath
     from ._holder import Holder
     from ._policy import Retry
+    from .backends import Backend
 
 _DEBUG = 10  # logging.DEBUG
-
-
-class _Log:
-    """logging.getLogger("proclock"), without importing logging into a program that does not.
-
-    A program that never imported logging has configured no handler, so there is nothing
-    that could show a debug line: checking is then free, and `import proclock` stays cheap.
-    """
-
-    __slots__ = ("_logger",)
-
-    def __init__(self) -> None:
-        self._logger: Any = None
-
-    def isEnabledFor(self, level: int) -> bool:  # noqa: N802  (the logging API's name)
-        logger = self._logger
-        if logger is not None:
-            return logger.isEnabledFor(level)  # type: ignore[no-any-return]
-        if logger is None:
-            logging = sys.modules.get("logging")
-            if logging is None:
-                return False
-            logger = self._logger = logging.getLogger("proclock")
-        return bool(logger.isEnabledFor(level))
-
-    def debug(self, msg: str, *args: object) -> None:
-        if self.isEnabledFor(_DEBUG):
-            self._logger.debug(msg, *args)
-
-
-_log = _Log()
 
 # Module attributes so that tests can inject a clock and a sleep (timing logic is tested
 # without wall time).
@@ -87,6 +58,7 @@ class ProcessLock:
 
     __slots__ = (
         "__weakref__",
+        "_backend",
         "_blocking",
         "_fresh",
         "_holds",
@@ -135,6 +107,7 @@ class ProcessLock:
             msg = "shared= and reentrant= must be True or False"
             raise TypeError(msg)
         self._blocking = blocking
+        self._backend: Backend = FLOCK
         self._shared = shared
         self._op = _owners.SH if shared else _owners.EX
         # An explicit lock_dir is made absolute now, against the current directory, as path=
@@ -161,20 +134,7 @@ class ProcessLock:
 
     def _locate(self) -> tuple[str, str | None, str]:
         """(file path, directory to vet or None for path=, directory kind), resolved now."""
-        if self._path is not None:
-            return self._path, None, _dirs.NAMED
-        assert self._name is not None  # noqa: S101
-        key = None if self._lock_dir is not None else _dirs.environment_key()
-        where = self._where
-        if where is not None and where[0] == key:
-            return where[1]
-        directory, kind = _dirs.resolve(self._lock_dir)
-        # The registry is keyed by the file's real path: two spellings of one directory
-        # (a symlinked parent, `..`) must meet in one entry, or a thread would wait for itself.
-        real = os.path.join(os.path.realpath(directory), _names.file_name(self._name))
-        located = real, directory, kind
-        self._where = (key, located)
-        return located
+        return FLOCK.locate(self)
 
     @property
     def path(self) -> str:
@@ -203,11 +163,15 @@ class ProcessLock:
         """True while this object holds the lock in this process."""
         return bool(self._live_holds())
 
+    def _held_fd(self) -> int | None:
+        """The descriptor of the innermost live hold, for the CLI to pass to a command."""
+        holds = self._live_holds()
+        return holds[-1][1].fd if holds else None
+
     def holder(self) -> Holder | None:
         """Who holds the lock now, as the kernel reports it; None if it is free."""
         holds = self._live_holds()
-        path = holds[-1][1].path if holds else self._locate()[0]
-        return _holder.holder_of(path)
+        return self._backend.holder(self, holds[-1][1] if holds else None)
 
     def __repr__(self) -> str:
         state = "locked" if self.locked else "unlocked"
@@ -226,41 +190,6 @@ class ProcessLock:
                 blocking = True if timeout is not None else self._blocking
         _policy.check_wait(blocking=blocking, timeout=timeout, retry=_policy.ONE_ATTEMPT)
         return blocking, timeout
-
-    def _entry(self) -> _owners.Entry:
-        path, directory, kind = self._locate()
-        return _owners.entry_for(path, directory, kind, self.name, self._mode)
-
-    def _give_up(self, entry: _owners.Entry, waited: float, *, timed_out: bool) -> LockHeldError:
-        holder = _holder.holder_of(entry.path)
-        if timed_out:
-            return LockTimeoutError(entry.path, self.name, holder, waited)
-        return LockHeldError(entry.path, self.name, holder, waited)
-
-    def _attempt(
-        self, owner: object, blocking: bool, timeout: float | None
-    ) -> _owners.Entry | LockHeldError:
-        """One attempt: the entry held, or the error saying why not."""
-        with _owners._mutex:  # noqa: SLF001
-            entry = self._entry()
-            if _owners.reenter(entry, self._op, owner, reentrant=self._reentrant):
-                return entry
-        start = _monotonic()
-        wait = blocking and timeout != 0
-        deadline = None if timeout is None else start + timeout
-        if wait and _log.isEnabledFor(_DEBUG):
-            _log.debug("waiting for %r (%s)", self.name, entry.path)
-        try:
-            _owners.acquire(
-                entry, self._op, owner, blocking=wait, deadline=deadline, clock=_monotonic
-            )
-        except _owners._Busy:  # noqa: SLF001
-            return self._give_up(entry, _monotonic() - start, timed_out=wait)
-        if _log.isEnabledFor(_DEBUG):
-            now = _monotonic()
-            entry.since = now
-            _log.debug("acquired %r (%s) after %.6fs", self.name, entry.path, now - start)
-        return entry
 
     def acquire(self, blocking: bool = UNSET, timeout: float | None = UNSET) -> Self:
         """Take the lock, or raise; returns the lock, so `with lock.acquire(timeout=1):` works.
@@ -311,71 +240,44 @@ class ProcessLock:
     # The decorators hold through these, without touching `_holds`: one decorated function
     # (one ProcessLock) is called by many threads and tasks at once.
 
-    def _take(self, owner: object) -> _owners.Entry:
-        path, directory, kind = self._locate()
-        with _owners._mutex:  # noqa: SLF001
-            # The uncontended fast path: one LOCK_NB, one lstat, one pwrite.
-            entry = _owners._entries.get(path)  # noqa: SLF001
-            if entry is None or entry.name is not self._label:
-                entry = _owners.entry_for(path, directory, kind, self._label, self._mode)
-            if entry.owners and _owners.reenter(entry, self._op, owner, reentrant=self._reentrant):
-                return entry
-            if entry.try_take(self._op, owner):
-                if _log.isEnabledFor(_DEBUG):
-                    entry.since = _monotonic()
-                    _log.debug("acquired %r (%s) at once", self._label, path)
-                return entry
+    def _take(self, owner: object) -> Any:
+        token = self._backend.try_now(self, owner)
+        if token is not None:
+            return token
         return self._take_waiting(owner)
 
-    def _take_waiting(self, owner: object) -> _owners.Entry:
+    def _take_waiting(self, owner: object) -> Any:
         pauses = self._retry.pauses()
         while True:
-            result = self._attempt(owner, self._blocking, self._timeout)
-            if isinstance(result, _owners.Entry):
+            result = self._backend.attempt(
+                self, owner, blocking=self._blocking, timeout=self._timeout
+            )
+            if not isinstance(result, LockHeldError):
                 return result
             pause = next(pauses, None)
             if pause is None:
                 raise result
-            _log.debug("retrying %r in %.3fs: %s", self.name, pause, result)
+            _log.debug("retrying %r in %.3fs: %s", self._label, pause, result)
             _sleep(pause)
 
-    async def _take_async(self, owner: object) -> _owners.Entry:
+    async def _take_async(self, owner: object) -> Any:
         import asyncio  # noqa: PLC0415
 
         pauses = self._retry.pauses()
         while True:
-            with _owners._mutex:  # noqa: SLF001
-                entry = self._entry()
-                if _owners.reenter(entry, self._op, owner, reentrant=self._reentrant):
-                    return entry
-            start = _monotonic()
-            wait = self._blocking and self._timeout != 0
-            deadline = None if self._timeout is None else start + self._timeout
-            if wait and _log.isEnabledFor(_DEBUG):
-                _log.debug("waiting for %r (%s)", self._label, entry.path)
-            try:
-                await _owners.acquire_async(
-                    entry, self._op, owner, blocking=wait, deadline=deadline, clock=_monotonic
-                )
-            except _owners._Busy:  # noqa: SLF001
-                error = self._give_up(entry, _monotonic() - start, timed_out=wait)
-            else:
-                if _log.isEnabledFor(_DEBUG):
-                    entry.since = now = _monotonic()
-                    waited = now - start
-                    _log.debug("acquired %r (%s) after %.6fs", self._label, entry.path, waited)
-                return entry
+            result = await self._backend.attempt_async(
+                self, owner, blocking=self._blocking, timeout=self._timeout
+            )
+            if not isinstance(result, LockHeldError):
+                return result
             pause = next(pauses, None)
             if pause is None:
-                raise error
+                raise result
+            _log.debug("retrying %r in %.3fs: %s", self._label, pause, result)
             await asyncio.sleep(pause)
 
-    def _give(self, entry: _owners.Entry, owner: object) -> None:
-        since = entry.since
-        _owners.release(entry, owner)
-        if _log.isEnabledFor(_DEBUG):
-            held = _monotonic() - since if since is not None else float("nan")
-            _log.debug("released %r (%s) after holding %.6fs", self._label, entry.path, held)
+    def _give(self, token: Any, owner: object) -> None:
+        self._backend.release(self, token, owner)
 
     def _renamed(self, name: str) -> ProcessLock:
         """A lock with the same (already validated) options under another name."""

@@ -1,0 +1,42 @@
+"""The "proclock" logger, without importing logging into a program that does not."""
+
+from __future__ import annotations
+
+import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+DEBUG = 10  # logging.DEBUG
+
+
+class _Log:
+    """logging.getLogger("proclock"), without importing logging into a program that does not.
+
+    A program that never imported logging has configured no handler, so there is nothing
+    that could show a debug line: checking is then free, and `import proclock` stays cheap.
+    """
+
+    __slots__ = ("_logger",)
+
+    def __init__(self) -> None:
+        self._logger: Any = None
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802  (the logging API's name)
+        logger = self._logger
+        if logger is not None:
+            return logger.isEnabledFor(level)  # type: ignore[no-any-return]
+        if logger is None:
+            logging = sys.modules.get("logging")
+            if logging is None:
+                return False
+            logger = self._logger = logging.getLogger("proclock")
+        return bool(logger.isEnabledFor(level))
+
+    def debug(self, msg: str, *args: object) -> None:
+        if self.isEnabledFor(DEBUG):
+            self._logger.debug(msg, *args)
+
+
+log = _Log()
