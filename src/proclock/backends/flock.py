@@ -56,20 +56,17 @@ class FlockBackend:
 
     def try_now(self, lock: ProcessLock, owner: object) -> _owners.Entry | None:
         """The uncontended fast path: one LOCK_NB, one lstat, one pwrite."""
-        log = _log()
+        path, directory, kind = self.locate(lock)
         with _owners._mutex:
-            entry = self._entry(lock)
-            if entry.owners and _owners.reenter(
-                entry,
-                lock._op,
-                owner,
-                reentrant=lock._reentrant,
-            ):
+            entry = _owners._entries.get(path)
+            if entry is None or entry.name is not lock._label:
+                entry = _owners.entry_for(path, directory, kind, lock._label, lock._mode)
+            if entry.owners and _owners.reenter(entry, lock._op, owner, reentrant=lock._reentrant):
                 return entry
             if entry.try_take(lock._op, owner):
-                if log.isEnabledFor(_DEBUG):
+                if _logger.isEnabledFor(_DEBUG):
                     entry.since = _clock()
-                    log.debug("acquired %r (%s) at once", lock._label, entry.path)
+                    _logger.debug("acquired %r (%s) at once", lock._label, path)
                 return entry
         return None
 
