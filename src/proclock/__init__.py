@@ -3,7 +3,9 @@
 from ._decorators import process_locked, singleton_process
 from ._errors import (
     AlreadyRunningError,
+    BackendUnavailableError,
     LockHeldError,
+    LockLostError,
     LockNameError,
     LockTimeoutError,
     ProcLockError,
@@ -15,8 +17,10 @@ from ._policy import Retry
 
 __all__ = [
     "AlreadyRunningError",
+    "BackendUnavailableError",
     "Holder",
     "LockHeldError",
+    "LockLostError",
     "LockNameError",
     "LockTimeoutError",
     "ProcLockError",

@@ -16,7 +16,9 @@ if TYPE_CHECKING:
     from typing_extensions import ParamSpec
 
     from ._dirs import StrPath
+    from ._errors import LockLostError
     from ._policy import Retry
+    from .backends import Backend
 
     P = ParamSpec("P")
     OnContention = Literal["raise", "skip", "exit"] | Callable[[LockHeldError], Any]
@@ -345,6 +347,8 @@ def process_locked(  # noqa: F811
     path: StrPath | None = None,
     mode: int = 0o600,
     reentrant: bool = True,
+    backend: Backend | str | None = None,
+    on_lost: Callable[[LockLostError], object] | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -363,6 +367,8 @@ def process_locked(  # noqa: F811  (the implementation after the typed variants)
     path: StrPath | None = None,
     mode: int = 0o600,
     reentrant: bool = True,
+    backend: Backend | str | None = None,
+    on_lost: Callable[[LockLostError], object] | None = None,
 ) -> Any:
     """Run the function holding a cross-process lock (flock(2)) for the length of each call.
 
@@ -384,6 +390,8 @@ def process_locked(  # noqa: F811  (the implementation after the typed variants)
         "path": path,
         "mode": mode,
         "reentrant": reentrant,
+        "backend": backend,
+        "on_lost": on_lost,
     }
 
     def decorator(f: Any) -> Any:
@@ -425,6 +433,8 @@ def singleton_process(  # noqa: F811
     path: StrPath | None = None,
     mode: int = 0o600,
     reentrant: bool = True,
+    backend: Backend | str | None = None,
+    on_lost: Callable[[LockLostError], object] | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -442,6 +452,8 @@ def singleton_process(  # noqa: F811  (the implementation after the typed varian
     path: StrPath | None = None,
     mode: int = 0o600,
     reentrant: bool = True,
+    backend: Backend | str | None = None,
+    on_lost: Callable[[LockLostError], object] | None = None,
 ) -> Any:
     """Let one instance of this program run `func` at a time; a second one exits (code 1).
 
@@ -463,6 +475,8 @@ def singleton_process(  # noqa: F811  (the implementation after the typed varian
         "path": path,
         "mode": mode,
         "reentrant": reentrant,
+        "backend": backend,
+        "on_lost": on_lost,
     }
 
     def decorator(f: Any) -> Any:

@@ -64,6 +64,47 @@ class AlreadyRunningError(LockHeldError):
         )
 
 
+class LockLostError(ProcLockError):
+    """A held lock was lost before its holder released it (connection killed, lease expired).
+
+    Raised from the decorated call or `with` block when it ends; `on_lost` callbacks get it at
+    once. `fencing_token` is the token of the hold that was lost, where the backend has one.
+    """
+
+    def __init__(
+        self,
+        location: str,
+        name: str | None = None,
+        reason: str = "",
+        fencing_token: int | None = None,
+    ) -> None:
+        self.location, self.name, self.reason = location, name, reason
+        self.fencing_token = fencing_token
+        label = repr(name) if name is not None else "lock"
+        super().__init__(
+            f"{label} ({location}) was lost while held: {reason or 'no reason given'}; the "
+            "protected work may have overlapped with another holder"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.location, self.name, self.reason, self.fencing_token)
+
+
+class BackendUnavailableError(ProcLockError, OSError):
+    """The lock server cannot be reached or refused us: never reported as a timeout."""
+
+    def __init__(self, location: str, reason: str) -> None:
+        self.location, self.reason = location, reason
+        # One positional argument: OSError reads two as (errno, strerror).
+        super().__init__(f"lock backend {location} is unavailable: {reason}")
+
+    def __str__(self) -> str:
+        return f"lock backend {self.location} is unavailable: {self.reason}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.location, self.reason)
+
+
 class LockNameError(ProcLockError, ValueError):
     """A lock name that cannot be used: empty, NUL byte, unfillable template, bare lambda."""
 

@@ -13,12 +13,14 @@ from .backends.flock import FLOCK
 TYPE_CHECKING = False  # typing costs ~3 ms of import time; mypy reads this as typing's
 if TYPE_CHECKING:
     import pathlib
+    from collections.abc import Callable
     from types import TracebackType
     from typing import Any
 
     from typing_extensions import Self
 
     from ._dirs import StrPath
+    from ._errors import LockLostError
     from ._holder import Holder
     from ._policy import Retry
     from .backends import Backend
@@ -66,6 +68,7 @@ class ProcessLock:
         "_lock_dir",
         "_mode",
         "_name",
+        "_on_lost",
         "_op",
         "_path",
         "_reentrant",
@@ -88,6 +91,8 @@ class ProcessLock:
         lock_dir: StrPath | None = None,
         mode: int = 0o600,
         reentrant: bool = True,
+        backend: Backend | str | None = None,
+        on_lost: Callable[[LockLostError], object] | None = None,
     ) -> None:
         if name is None and path is None:
             msg = "ProcessLock needs a name, or path= for an explicit lock file"
@@ -107,7 +112,17 @@ class ProcessLock:
             msg = "shared= and reentrant= must be True or False"
             raise TypeError(msg)
         self._blocking = blocking
-        self._backend: Backend = FLOCK
+        self._backend: Backend = FLOCK if backend is None else _backends_resolve(backend)
+        if self._backend is not FLOCK and (path is not None or lock_dir is not None):
+            msg = (
+                f"path= and lock_dir= name lock files; the {self._backend!r} backend has none "
+                "(drop them, or drop backend= to lock a file)"
+            )
+            raise ValueError(msg)
+        if on_lost is not None and not callable(on_lost):
+            msg = f"on_lost must be a callable taking the LockLostError, not {on_lost!r}"
+            raise TypeError(msg)
+        self._on_lost = on_lost
         self._shared = shared
         self._op = _owners.SH if shared else _owners.EX
         # An explicit lock_dir is made absolute now, against the current directory, as path=
@@ -162,6 +177,26 @@ class ProcessLock:
     def locked(self) -> bool:
         """True while this object holds the lock in this process."""
         return bool(self._live_holds())
+
+    @property
+    def fencing_token(self) -> int | None:
+        """The fencing token of the innermost hold: strictly increasing per lock name.
+
+        Pass it to the storage you protect so that a holder that lost the lock (a paused
+        process whose lease expired) is refused there. None where the backend has no tokens
+        (flock: a lock on one machine cannot be lost while its holder lives).
+        """
+        holds = self._live_holds()
+        return self._backend.fencing_token(holds[-1][1]) if holds else None
+
+    def _lost(self, error: LockLostError) -> None:
+        """Called by a backend the moment it sees a hold lost: log it, call on_lost."""
+        _log.error("%s", error)
+        if self._on_lost is not None:
+            try:
+                self._on_lost(error)
+            except Exception:  # noqa: BLE001  (a failing callback must not kill the watcher)
+                _log.error("on_lost callback of %r raised", self._label)
 
     def _held_fd(self) -> int | None:
         """The descriptor of the innermost live hold, for the CLI to pass to a command."""
@@ -386,6 +421,12 @@ class ProcessLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _backends_resolve(backend: object) -> Backend:
+    from .backends import resolve  # noqa: PLC0415
+
+    return resolve(backend)
 
 
 def _real_parent(path: str) -> str:

@@ -38,5 +38,11 @@ class _Log:
         if self.isEnabledFor(DEBUG):
             self._logger.debug(msg, *args)
 
+    def error(self, msg: str, *args: object) -> None:
+        """Errors are logged whether or not the program imported logging (lastResort shows)."""
+        import logging  # noqa: PLC0415
+
+        logging.getLogger("proclock").error(msg, *args)
+
 
 log = _Log()

@@ -50,5 +50,12 @@ if TYPE_CHECKING:
             """The lock's location (a file path, a key) for messages and `lock.path`."""
             ...
 
+        def fencing_token(self, token: object) -> int | None:
+            """The hold's fencing token (strictly increasing per name), or None."""
+            ...
+
+    # A hold that is lost while held: the backend calls `lock._lost(LockLostError(...))` at
+    # once (which logs and calls on_lost), and raises that LockLostError from `release()`.
+
 else:
     Backend = object

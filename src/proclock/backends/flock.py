@@ -28,6 +28,13 @@ class FlockBackend:
 
     __slots__ = ()
 
+    def __repr__(self) -> str:
+        return "flock"
+
+    def fencing_token(self, token: object) -> int | None:  # noqa: ARG002
+        """None: a flock(2) lock cannot be lost while its holder lives, so there is no token."""
+        return None
+
     @staticmethod
     def locate(lock: ProcessLock) -> tuple[str, str | None, str]:
         """(file path, directory to vet or None for path=, directory kind), resolved now."""
