@@ -1,0 +1,798 @@
+"""The `proclock` command line: run a command under a lock, see who holds what, clean up safely.
+
+Built on argparse (no dependency) and on the library itself: `run` takes the lock with
+`ProcessLock`, so waiting never polls and the lock file is vetted exactly as for Python callers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+from . import _dirs, _flock, _holder, _names
+from ._errors import LockHeldError, LockNameError, LockTimeoutError, ProcLockError
+from ._lock import ProcessLock, lock_path
+from ._policy import Retry
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any, NoReturn, TextIO
+
+    from typing_extensions import Self
+
+    from ._holder import Holder
+
+PROG = "proclock"
+EXIT_USAGE = 2
+EXIT_CANTUSE = 73  # EX_CANTCREAT (sysexits.h): flock(1) uses it when it cannot create the file
+EXIT_NOEXEC = 126  # as a shell: found but cannot be executed
+EXIT_NOTFOUND = 127  # as a shell: command not found
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+# A file name proclock makes: sanitised prefix, "-", 32 hex digits of SHA-256, ".lock".
+_FILE_RE = re.compile(r"(?P<prefix>[A-Za-z0-9._-]{1,64})-(?P<digest>[0-9a-f]{32})\.lock")
+_DURATION_RE = re.compile(r"(?P<n>\d+(?:\.\d*)?|\.\d+)(?P<unit>[smhdw]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+EXIT_STATUS = f"""\
+exit status:
+  COMMAND's own     run: COMMAND ran; its exit status is proclock's
+  128+N             run: COMMAND was killed by signal N (130: Ctrl-C while waiting)
+  1, or -E N        run: the lock is busy (-n, -w expired, --retry spent)
+  {EXIT_USAGE}                 bad usage: unknown option, missing '--' or COMMAND, bad value
+  {EXIT_CANTUSE}                the lock directory or file cannot be used (unsafe, EACCES, EROFS...)
+  {EXIT_NOEXEC}               run: COMMAND was found but cannot be executed
+  {EXIT_NOTFOUND}               run: COMMAND was not found
+"""
+
+MAIN_EPILOG = f"""\
+examples:
+  proclock run nightly-backup -- /usr/local/bin/backup.sh
+  proclock run -n -E 0 nightly-sync -- /usr/local/bin/sync.sh    # cron: skip if running
+  proclock status
+  flock -n "$(proclock path nightly-backup)" ./backup.sh          # the same lock, via flock(1)
+  proclock gc --older-than 7d
+
+{EXIT_STATUS}"""
+
+RUN_EPILOG = f"""\
+examples:
+  proclock run nightly-backup -- /usr/local/bin/backup.sh
+  proclock run -n -E 0 nightly-sync -- /usr/local/bin/sync.sh    # busy: exit 0, quietly with -q
+  proclock run -w 30 db-migrate -- ./migrate.sh --all             # wait at most 30 s
+  proclock run -n --retry 5 --retry-delay 2 report -- ./report.sh # 5 attempts, 2 s apart
+  proclock run -s cache-read -- ./read-cache.sh                   # shared (reader) lock
+  proclock run --path /var/lock/app.lock -- ./app                 # a file flock(1) users share
+  proclock run backup -- sh -c 'dump | gzip > /tmp/db.gz'         # flock -c: a shell string
+
+By default COMMAND inherits the lock descriptor, as with flock(1): the lock lives as long as
+COMMAND and whatever it forks keep it open. With -o only proclock holds it, and it is released
+when COMMAND exits. SIGINT, SIGTERM and SIGHUP sent to proclock are forwarded to COMMAND.
+While waiting on a terminal, a line shows who holds the lock, updated every second.
+-v prints to stderr when the lock is acquired (and how long that took), the command started,
+how COMMAND ended, and when the lock was released (or left to COMMAND's processes). -q
+suppresses the busy line and the waiting line; errors are still printed.
+
+{EXIT_STATUS}"""
+
+STATUS_EPILOG = """\
+examples:
+  proclock status                       # every lock file in the lock directory
+  proclock status nightly-backup        # just these locks
+  proclock status --json | jq '.[] | select(.state != "free")'
+
+Columns: NAME, STATE (free, held, shared), PID and COMMAND of the holder, SINCE (when it was
+acquired, where the lock file records it), WAITERS (processes blocked on it). A lock file whose
+name cannot be recovered shows as its file name in angle brackets (JSON: "name": null).
+
+exit status: 0; 2 bad usage; 73 the lock directory cannot be used.
+"""
+
+PATH_EPILOG = """\
+examples:
+  proclock path nightly-backup
+  flock -n "$(proclock path nightly-backup)" ./backup.sh    # flock(1) takes the same lock
+  proclock path --dir /srv/locks nightly-backup
+
+exit status: 0; 2 bad usage (e.g. an empty name); 73 the lock directory cannot be used.
+"""
+
+GC_EPILOG = """\
+examples:
+  proclock gc                        # delete every lock file nobody holds right now
+  proclock gc --older-than 7d        # ... and that was last written over a week ago
+  proclock gc --dry-run --older-than 12h
+
+Only files proclock names (<prefix>-<32 hex digits>.lock) are considered. Each is deleted only
+if gc can lock it with LOCK_EX|LOCK_NB at that moment, and it is unlinked while gc holds the
+lock: a process that opened the old file before then notices (proclock checks the inode after
+every acquisition; flock(1) does not) and takes the new file. Held files are never touched.
+DURATION is a number with an optional unit: s, m, h, d, w (30s, 10m, 2h, 7d); plain is seconds.
+
+exit status: 0; 1 a file could not be deleted; 2 bad usage; 73 the directory cannot be used.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (then exit 2), never a traceback."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"not a number of seconds: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not value >= 0 or value == float("inf"):
+        msg = f"must be a finite number of seconds >= 0, not {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _exit_code(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 255:  # noqa: PLR2004  (an exit status is one byte)
+        msg = f"an exit status is an integer from 0 to 255, not {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _attempts(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"the number of attempts is an integer >= 1, not {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def parse_duration(text: str) -> float:
+    """`30s`, `10m`, `2h`, `7d`, `1w` or plain seconds, as seconds."""
+    match = _DURATION_RE.fullmatch(text.strip())
+    if match is None:
+        msg = f"not a duration: {text!r} (examples: 30s, 10m, 2h, 7d)"
+        raise argparse.ArgumentTypeError(msg)
+    return float(match["n"]) * _UNITS[match["unit"]]
+
+
+def _add_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="the lock directory (default: $PROCLOCK_DIR, $XDG_RUNTIME_DIR/proclock, "
+        "<tmp>/proclock-<uid>)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the whole command line."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog=PROG,
+        description="Named process locks on flock(2): run a command holding one, see who "
+        "holds what, clean up.",
+        epilog=MAIN_EPILOG,
+        formatter_class=fmt,
+    )
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        ver = version("proclock")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        ver = "unknown"
+    parser.add_argument("-V", "--version", action="version", version=f"{PROG} {ver}")
+    sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run COMMAND holding lock NAME",
+        usage=f"{PROG} run NAME [options] -- COMMAND [ARGS...]\n"
+        f"       {PROG} run --path FILE [options] -- COMMAND [ARGS...]",
+        description="Run COMMAND holding lock NAME (flock(1)-compatible options).",
+        epilog=RUN_EPILOG,
+        formatter_class=fmt,
+    )
+    run.add_argument("name", metavar="NAME", nargs="?", help="the lock's name")
+    mode = run.add_mutually_exclusive_group()
+    mode.add_argument("-s", "--shared", action="store_true", help="take a shared (reader) lock")
+    mode.add_argument(
+        "-x", "--exclusive", action="store_true", help="take an exclusive lock (the default)"
+    )
+    wait = run.add_mutually_exclusive_group()
+    wait.add_argument(
+        "-n", "--nonblock", action="store_true", help="fail at once if the lock is busy"
+    )
+    wait.add_argument(
+        "-w", "--timeout", metavar="SECONDS", type=_seconds, help="wait at most SECONDS"
+    )
+    run.add_argument(
+        "-E",
+        "--conflict-exit-code",
+        metavar="N",
+        type=_exit_code,
+        default=1,
+        help="exit status when the lock is busy or the wait timed out (default 1)",
+    )
+    run.add_argument(
+        "-o",
+        "--close",
+        action="store_true",
+        help="don't let COMMAND inherit the lock: it is released when COMMAND exits",
+    )
+    run.add_argument(
+        "--retry",
+        metavar="N",
+        type=_attempts,
+        help="make N attempts in all (each one -n try or one -w wait; needs -n or -w)",
+    )
+    run.add_argument(
+        "--retry-delay",
+        metavar="SECONDS",
+        type=_seconds,
+        help="pause before the second attempt (default 0.1; doubles each time, capped at 10)",
+    )
+    _add_dir(run)
+    run.add_argument(
+        "--path", metavar="FILE", help="an explicit lock file (shared with flock(1) users)"
+    )
+    talk = run.add_mutually_exclusive_group()
+    talk.add_argument("-q", "--quiet", action="store_true", help="no busy line, no waiting line")
+    talk.add_argument(
+        "-v", "--verbose", action="store_true", help="report acquisition, command and release"
+    )
+
+    status = sub.add_parser(
+        "status",
+        help="every lock in the directory: free, or held by whom",
+        description="Show every lock file in the lock directory (or the named locks): free, "
+        "or held by whom, since when, and how many wait.",
+        epilog=STATUS_EPILOG,
+        formatter_class=fmt,
+    )
+    status.add_argument("names", metavar="NAME", nargs="*", help="show only these locks")
+    status.add_argument("--json", action="store_true", help="a JSON list of objects")
+    _add_dir(status)
+
+    path = sub.add_parser(
+        "path",
+        help="print the lock file's path (for flock(1), scripts)",
+        description="Print the file of lock NAME (vetting, and for the default, creating "
+        "the directory; never the file).",
+        epilog=PATH_EPILOG,
+        formatter_class=fmt,
+    )
+    path.add_argument("name", metavar="NAME", help="the lock's name")
+    _add_dir(path)
+
+    gc = sub.add_parser(
+        "gc",
+        help="delete lock files nobody holds, without the race",
+        description="Delete the lock files nobody holds, safely against concurrent acquirers.",
+        epilog=GC_EPILOG,
+        formatter_class=fmt,
+    )
+    gc.add_argument(
+        "--older-than",
+        metavar="DURATION",
+        type=parse_duration,
+        help="only files last modified at least DURATION ago (30s, 10m, 2h, 7d)",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
+    _add_dir(gc)
+    return parser
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"{PROG}: {message}\n")
+    sys.stderr.flush()
+
+
+def _when(at: float | None) -> str | None:
+    if at is None:
+        return None
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+def _ago(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:  # noqa: PLR2004
+        return f"{s}s"
+    if s < 3600:  # noqa: PLR2004
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:  # noqa: PLR2004
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _who(holder: Holder | None) -> str:
+    if holder is None or holder.pid is None:
+        return "another process"
+    return f"pid {holder.pid} ({holder.command or 'unknown command'})"
+
+
+def _busy_line(error: LockHeldError, label: str) -> str:
+    holder = error.holder
+    at = holder.acquired_at if holder is not None else None
+    since = (
+        "since an unknown time"
+        if at is None
+        else f"since {_when(at)} ({_ago(time.time() - at)} ago)"
+    )
+    line = f"lock {label!r} ({error.path}) is held by {_who(holder)} {since}"
+    if isinstance(error, LockTimeoutError):
+        line += f"; gave up after {error.waited:.1f}s"
+    return line
+
+
+def _status_of(signal_or_code: int) -> int:
+    return 128 - signal_or_code if signal_or_code < 0 else signal_or_code
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+# -- run -----------------------------------------------------------------------------------------
+
+
+class _WaitLine:
+    """On a terminal, what apt shows while dpkg is locked: who holds it, updated every second.
+
+    The wait itself is the library's blocking acquire in the main thread; this daemon thread
+    only reads who holds the lock (/proc/locks and the file's record) once a second and
+    rewrites the line in place, until the acquire returns.
+    """
+
+    def __init__(self, stream: TextIO, label: str, path: str) -> None:
+        self._stream, self._label, self._path = stream, label, path
+        self._done = threading.Event()
+        self._start = time.monotonic()
+        self._shown = False
+        self._thread = threading.Thread(target=self._run, name="proclock-wait-line", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _text(self, holder: Holder | None, width: int) -> str:
+        elapsed = f", {int(time.monotonic() - self._start)}s..."
+        head = f"waiting for lock {self._label!r}"
+        if holder is None:
+            return (head + elapsed)[: width - 1]
+        if holder.pid is None:
+            return (head + " held by another process" + elapsed)[: width - 1]
+        command = _short_command(holder.argv)
+        fixed = f"{head} held by pid {holder.pid} ()" + elapsed
+        room = max(width - 1 - len(fixed), 8)
+        if len(command) > room:
+            command = command[: room - 3] + "..."
+        return f"{head} held by pid {holder.pid} ({command}){elapsed}"
+
+    def _run(self) -> None:
+        me = os.getpid()
+        first = True
+        while True:
+            try:
+                holder = _holder.holder_of(self._path)
+            except OSError:
+                holder = None
+            # The first look, before any wait could have begun, shows only a real holder:
+            # an uncontended acquisition flashes nothing.
+            if not (holder is not None and holder.pid == me) and not (first and holder is None):
+                try:
+                    width = os.get_terminal_size(self._stream.fileno()).columns
+                except (OSError, ValueError):
+                    width = 0
+                text = self._text(holder, width if width > 20 else 80)  # noqa: PLR2004
+                if not self._done.is_set():
+                    self._stream.write(f"\r{text}\x1b[K")
+                    self._stream.flush()
+                    self._shown = True
+            first = False
+            if self._done.wait(1.0):
+                break
+        if self._shown:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+
+
+def _short_command(argv: tuple[str, ...] | None) -> str:
+    """A holder's command for the one-line wait message: `backup.sh --full`, as ps shows it.
+
+    For a holder that is itself `proclock run NAME -- COMMAND`, COMMAND is what it runs.
+    """
+    if not argv:
+        return "unknown command"
+    words = list(argv)
+    if "--" in words:
+        i = words.index("--")
+        head = words[:i]
+        if "run" in head and any(os.path.basename(w) == PROG for w in head) and words[i + 1 :]:
+            words = words[i + 1 :]
+    words[0] = os.path.basename(words[0])
+    return " ".join(words)
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _make_lock(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ProcessLock:
+    if args.name is None and args.path is None:
+        parser.error("give a lock NAME (or --path FILE) before '--'")
+    if args.name is not None and args.path is not None:
+        parser.error("give a lock NAME or --path FILE, not both")
+    if args.path is not None and args.dir is not None:
+        parser.error("--path names the file: --dir cannot apply to it")
+    if args.retry_delay is not None and args.retry is None:
+        parser.error("--retry-delay needs --retry N")
+    if args.retry is not None and not (args.nonblock or args.timeout is not None):
+        parser.error("--retry needs a bounded attempt: add -n or -w SECONDS")
+    retry: Retry | None = None
+    if args.retry is not None:
+        retry = (
+            Retry(args.retry) if args.retry_delay is None else Retry(args.retry, args.retry_delay)
+        )
+    try:
+        return ProcessLock(
+            args.name,
+            path=args.path,
+            blocking=not args.nonblock,
+            timeout=args.timeout,
+            retry=retry,
+            shared=args.shared,
+            lock_dir=args.dir,
+        )
+    except ValueError as exc:  # LockNameError included: an empty name, a NUL byte
+        parser.error(str(exc))
+
+
+def _run(args: argparse.Namespace, command: list[str], parser: argparse.ArgumentParser) -> int:
+    lock = _make_lock(args, parser)
+    label = lock.name
+    try:
+        path = lock.path  # vets (or creates) the directory now: a bad one fails before waiting
+        start = time.monotonic()
+        one_try = (args.nonblock or args.timeout == 0) and args.retry is None
+        if not one_try and not args.quiet and _is_tty(sys.stderr):
+            with _WaitLine(sys.stderr, label, path):
+                lock.acquire()
+        else:
+            lock.acquire()
+    except LockHeldError as exc:
+        if not args.quiet:
+            _say(_busy_line(exc, label))
+        return int(args.conflict_exit_code)
+    except KeyboardInterrupt:
+        if not args.quiet:
+            _say(f"interrupted while waiting for lock {label!r}")
+        return EXIT_INTERRUPTED
+    except (OSError, ProcLockError) as exc:
+        _say(f"cannot use lock {label!r}: {exc}")
+        return EXIT_CANTUSE
+    acquired = time.monotonic()
+    kind = "shared" if args.shared else "exclusive"
+    if args.verbose:
+        _say(f"acquired {kind} lock {label!r} ({path}) after {acquired - start:.3f}s")
+    fd = lock._held_fd()  # noqa: SLF001
+    assert fd is not None  # noqa: S101  (just acquired)
+    status = _spawn_and_wait(command, () if args.close else (fd,), verbose=args.verbose)
+    if args.close:
+        lock.release()
+        if args.verbose:
+            _say(f"released lock {label!r} after holding {time.monotonic() - acquired:.3f}s")
+    elif args.verbose:
+        # No LOCK_UN: the open file description is shared with COMMAND's processes, and
+        # unlocking it would take the lock from any of them still running (flock(1) semantics).
+        _say(
+            f"closing lock {label!r} after {time.monotonic() - acquired:.3f}s; it stays held "
+            "while a process COMMAND started keeps the descriptor open"
+        )
+    return status
+
+
+def _spawn_and_wait(command: list[str], pass_fds: tuple[int, ...], *, verbose: bool) -> int:
+    """Run COMMAND, forwarding SIGINT, SIGTERM and SIGHUP to it; its status, as a shell gives."""
+    child: subprocess.Popen[bytes] | None = None
+    pidfd: int | None = None
+    pending: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        if child is None:
+            pending.append(signum)
+            return
+        if child.returncode is not None:
+            return
+        try:
+            if pidfd is not None:  # immune to pid reuse once the child is reaped
+                signal.pidfd_send_signal(pidfd, signum)
+            else:
+                os.kill(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    # A signal proclock was started ignoring (nohup, `&` in a script) stays ignored, and
+    # COMMAND inherits that as it would without proclock.
+    previous = {
+        sig: signal.signal(sig, forward)
+        for sig in FORWARDED
+        if signal.getsignal(sig) is not signal.SIG_IGN
+    }
+    try:
+        try:
+            child = subprocess.Popen(command, pass_fds=pass_fds)  # noqa: S603
+        except FileNotFoundError:
+            _say(f"{command[0]}: command not found")
+            return EXIT_NOTFOUND
+        except PermissionError:
+            _say(f"{command[0]}: permission denied")
+            return EXIT_NOEXEC
+        except OSError as exc:
+            _say(f"{command[0]}: cannot execute: {exc.strerror}")
+            return EXIT_NOEXEC
+        started = time.monotonic()
+        if verbose:
+            how = "inherits the lock" if pass_fds else "does not inherit the lock"
+            _say(f"running {subprocess.list2cmdline(command)} (pid {child.pid}, {how})")
+        if hasattr(os, "pidfd_open"):
+            try:
+                pidfd = os.pidfd_open(child.pid)
+            except OSError:
+                pidfd = None
+        for signum in pending:
+            forward(signum, None)
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pidfd is not None:
+            os.close(pidfd)
+    if verbose:
+        took = time.monotonic() - started
+        if code < 0:
+            _say(f"COMMAND was killed by {_signal_name(-code)} after {took:.3f}s")
+        else:
+            _say(f"COMMAND exited with status {code} after {took:.3f}s")
+    return _status_of(code)
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+def _recover_name(path: str, meta: dict[str, Any] | None) -> str | None:
+    """The lock name of a file, if its record or its file name gives one that maps back to it."""
+    base = os.path.basename(path)
+    candidates = []
+    if meta is not None and isinstance(meta.get("name"), str):
+        candidates.append(meta["name"])
+    match = _FILE_RE.fullmatch(base)
+    if match is not None:
+        candidates.append(match["prefix"])
+    for candidate in candidates:
+        if candidate and "\x00" not in candidate and _names.file_name(candidate) == base:
+            return str(candidate)
+    return None
+
+
+def _lock_files(directory: str) -> list[str]:
+    with os.scandir(directory) as entries:
+        return sorted(
+            e.path for e in entries if e.name.endswith(".lock") and e.is_file(follow_symlinks=False)
+        )
+
+
+def _describe_file(path: str, name: str | None) -> dict[str, Any]:
+    holder, waiters = _holder.lock_state(path)
+    if name is None:
+        name = _recover_name(path, _holder.read_metadata(path))
+    state = "free" if holder is None else "shared" if holder.shared else "held"
+    at = holder.acquired_at if holder is not None else None
+    return {
+        "name": name,
+        "file": os.path.basename(path),
+        "path": path,
+        "exists": os.path.lexists(path),
+        "state": state,
+        "pid": holder.pid if holder is not None else None,
+        "hostname": holder.hostname if holder is not None else None,
+        "argv": list(holder.argv) if holder is not None and holder.argv else None,
+        "command": holder.command if holder is not None else None,
+        "acquired_at": at,
+        "held_since": _when(at),
+        "waiters": waiters,
+    }
+
+
+def _status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        if args.names:
+            try:
+                rows = [_describe_file(str(lock_path(n, lock_dir=args.dir)), n) for n in args.names]
+            except LockNameError as exc:
+                parser.error(str(exc))
+        else:
+            directory, kind = _dirs.resolve(args.dir)
+            _dirs.vet(directory, kind)
+            rows = [_describe_file(p, None) for p in _lock_files(directory)]
+    except OSError as exc:
+        _say(f"cannot use the lock directory: {exc}")
+        return EXIT_CANTUSE
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    header = ("NAME", "STATE", "PID", "SINCE", "WAITERS", "COMMAND")
+    table = [
+        header,
+        *(
+            (
+                row["name"] if row["name"] is not None else f"<{row['file']}>",
+                row["state"],
+                "-" if row["pid"] is None else str(row["pid"]),
+                row["held_since"] or "-",
+                str(row["waiters"]),
+                row["command"] or "-",
+            )
+            for row in rows
+        ),
+    ]
+    # COMMAND last: it is the one long column, and the others stay aligned.
+    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+    for r in table:
+        cells = [c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)]
+        sys.stdout.write("  ".join([*cells, r[-1]]).rstrip() + "\n")
+    return 0
+
+
+# -- path, gc ------------------------------------------------------------------------------------
+
+
+def _path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        sys.stdout.write(f"{lock_path(args.name, lock_dir=args.dir)}\n")
+    except LockNameError as exc:
+        parser.error(str(exc))
+    except OSError as exc:
+        _say(f"cannot use the lock directory: {exc}")
+        return EXIT_CANTUSE
+    return 0
+
+
+def collect(path: str, *, older_than: float | None, dry_run: bool) -> bool:
+    """Delete the lock file at `path` if nobody holds it now; True if it went (or would).
+
+    The file is unlinked while gc holds LOCK_EX on it: a process that opened it earlier gets
+    the orphaned inode only after gc closes it, and proclock's inode check after every
+    acquisition sends it to the file now at the path.
+    """
+    try:
+        before = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(before.st_mode):
+        return False  # never open a FIFO, device or symlink
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False  # gone, replaced by a symlink, or not ours to open
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not _flock.try_lock(fd, _flock.EX, path):
+            return False  # held: never touched
+        if older_than is not None and time.time() - st.st_mtime < older_than:
+            return False
+        now = _flock.still_at_path(st.st_dev, st.st_ino, path)
+        if now is None:
+            return False  # replaced since we opened it: that file is someone else's business
+        if not dry_run:
+            os.unlink(path)
+        return True
+    finally:
+        os.close(fd)  # releases our lock, after the unlink
+
+
+def _gc(args: argparse.Namespace) -> int:
+    try:
+        directory, kind = _dirs.resolve(args.dir)
+        _dirs.vet(directory, kind)
+        files = [p for p in _lock_files(directory) if _FILE_RE.fullmatch(os.path.basename(p))]
+    except OSError as exc:
+        _say(f"cannot use the lock directory: {exc}")
+        return EXIT_CANTUSE
+    failed = False
+    for path in files:
+        try:
+            gone = collect(path, older_than=args.older_than, dry_run=args.dry_run)
+        except OSError as exc:
+            _say(f"cannot delete {path}: {exc}")
+            failed = True
+            continue
+        if gone:
+            sys.stdout.write(f"{'would remove' if args.dry_run else 'removed'} {path}\n")
+    return 1 if failed else 0
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """For `run`: (options before '--', COMMAND after it), or COMMAND None if '--' is missing."""
+    if argv and argv[0] == "run" and "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `proclock` command line; returns the exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    before, command = _split_command(args_list)
+    if before and before[0] == "run" and command is None:
+        args, extra = parser.parse_known_args(before)
+        run_parser = _subparser(parser, "run")
+        options = [a for a in extra if a.startswith("-")]
+        if options:
+            run_parser.error(f"unrecognized arguments: {' '.join(options)}")
+        hint = f" (found {' '.join(extra)!r})" if extra else ""
+        run_parser.error(f"missing '--' before COMMAND{hint}: run NAME [options] -- COMMAND")
+    args, extra = parser.parse_known_args(before)
+    sub = _subparser(parser, args.subcommand)
+    if extra:
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.subcommand == "run":
+            assert command is not None  # noqa: S101  (checked above)
+            if not command:
+                sub.error("missing COMMAND after '--'")
+            return _run(args, command, sub)
+        if args.subcommand == "status":
+            return _status(args, sub)
+        if args.subcommand == "path":
+            return _path(args, sub)
+        return _gc(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `proclock status | head`
+        # Python would complain again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:  # noqa: SLF001  (argparse keeps subparsers only there)
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            return action.choices[name]  # type: ignore[no-any-return]
+    raise AssertionError(name)  # pragma: no cover
