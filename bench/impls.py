@@ -30,6 +30,31 @@ POLLS = {
 }
 
 
+REDIS_URL = os.environ.get("PROCLOCK_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+_reachable: dict[str, bool] = {}
+_redis_admin: dict[str, Any] = {}
+
+
+def _redis_reachable() -> bool:
+    """Whether the Redis server answers (once per run): its kinds are measured only then."""
+    if "redis" not in _reachable:
+        try:
+            import redis
+
+            client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5, socket_timeout=1)
+            try:
+                _reachable["redis"] = bool(client.ping())
+            finally:
+                client.close()
+        except Exception:
+            _reachable["redis"] = False
+    return _reachable["redis"]
+
+
+def _redis_kinds() -> list[str]:
+    return ["proclock-redis"] if _redis_reachable() else []
+
+
 def _has(module: str) -> bool:
     try:
         importlib.import_module(module)
@@ -137,6 +162,10 @@ def make_lock(kind: str, d: str, name: str = "bench") -> Any:
         return ProcessLock(name, timeout=30 if kind.endswith("timeout") else None)
     if kind == "proclock-decorated":
         return Decorated(name)
+    if kind == "proclock-redis":
+        from proclock import ProcessLock
+
+        return ProcessLock(name, backend=REDIS_URL)
     if kind in ("filelock", "filelock-timeout"):
         import filelock
 
@@ -179,12 +208,13 @@ def available_round_trip() -> list[str]:
         "proclock",
         "proclock-timeout",
         "proclock-decorated",
+        *_redis_kinds(),
         *_peer_kinds(timeouts=True),
     ]
 
 
 def available_handoff() -> list[str]:
-    return ["raw", "proclock", "proclock-timeout", *_peer_kinds(timeouts=True)]
+    return ["raw", "proclock", "proclock-timeout", *_redis_kinds(), *_peer_kinds(timeouts=True)]
 
 
 def available_throughput() -> list[str]:
@@ -240,7 +270,10 @@ def run_handoffs(kind: str, d: str, count: int) -> list[float]:
             # locks; polling locks get 2 ms to make their first try and go to sleep.
             end = time.monotonic() + (0.002 if POLLS.get(kind) else 0.5)
             while time.monotonic() < end:
-                if path and not POLLS.get(kind) and _blocked_waiters(path):
+                if kind == "proclock-redis":
+                    if _redis_subscribed(lock):  # then 2 ms for its retry: it sleeps after
+                        end = min(end, time.monotonic() + 0.002)
+                elif path and not POLLS.get(kind) and _blocked_waiters(path):
                     break
                 time.sleep(0.0001)
             t0 = time.perf_counter_ns()
@@ -252,7 +285,21 @@ def run_handoffs(kind: str, d: str, count: int) -> list[float]:
     return out
 
 
+def _redis_subscribed(lock: Any) -> bool:
+    """A waiter has subscribed to the lock's release channel (PUBSUB NUMSUB)."""
+    from proclock.backends import resolve
+
+    if "client" not in _redis_admin:
+        import redis
+
+        _redis_admin["client"] = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    channel = resolve(REDIS_URL).channel(lock.name)  # type: ignore[attr-defined]
+    return int(_redis_admin["client"].pubsub_numsub(channel)[0][1]) > 0
+
+
 def _lock_file(kind: str, d: str, name: str, lock: Any) -> str:
+    if kind == "proclock-redis":
+        return ""
     if kind.startswith("proclock"):
         return str(lock.path)
     return str(Path(d, f"{name}.{kind.split('-', 1)[0]}.lock"))

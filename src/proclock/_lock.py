@@ -129,6 +129,9 @@ class ProcessLock:
         # is; the environment ($PROCLOCK_DIR, $XDG_RUNTIME_DIR) is read at each acquisition.
         self._lock_dir = os.path.abspath(os.fspath(lock_dir)) if lock_dir is not None else None
         self._label = self._name if self._name is not None else str(self._path)
+        validate = getattr(self._backend, "validate", None)
+        if validate is not None:  # a backend refuses options it cannot honour (shared=True)
+            validate(self)
         # (environment key, located file): re-read when the environment changes.
         self._where: tuple[object, tuple[str, str | None, str]] | None = None
         self._mode = _policy.check_mode(mode)
@@ -157,6 +160,8 @@ class ProcessLock:
         holds = self._live_holds()
         if holds:
             return holds[-1][1].path
+        if self._backend is not FLOCK:
+            return self._backend.where(self, None)
         path, directory, kind = self._locate()
         if directory is not None:
             _dirs.vet(directory, kind)
