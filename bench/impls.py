@@ -142,6 +142,48 @@ class Decorated:
         pass
 
 
+POSTGRES_URL = os.environ.get(
+    "PROCLOCK_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+_admin: dict[str, Any] = {}  # a connection of the bench's own, to watch pg_locks
+
+
+def _postgres_reachable() -> bool:
+    """proclock-postgres is measured only where the server answers (and psycopg is installed)."""
+    if "postgres" not in _reachable:
+        try:
+            import psycopg
+
+            psycopg.connect(POSTGRES_URL, connect_timeout=2).close()
+        except Exception:
+            _reachable["postgres"] = False
+        else:
+            _reachable["postgres"] = True
+    return _reachable["postgres"]
+
+
+def _postgres_kinds() -> list[str]:
+    return ["proclock-postgres"] if _postgres_reachable() else []
+
+
+def _postgres_waiters(name: str) -> int:
+    """Sessions queued for the lock `name` in pg_locks (the server-side wait queue)."""
+    import psycopg
+
+    from proclock.backends.postgres import advisory_key
+
+    key = advisory_key("proclock-bench", name)
+    conn = _admin.get("conn")
+    if conn is None:
+        conn = _admin["conn"] = psycopg.connect(POSTGRES_URL, autocommit=True)
+    row = conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        " AND classid = %s::bigint::oid AND objid = %s::bigint::oid",
+        ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF),
+    ).fetchone()
+    return int(row[0])
+
+
 class Wrap:
     def __init__(self, acquire: Any, release: Any) -> None:
         self.acquire, self.release = acquire, release
@@ -162,6 +204,11 @@ def make_lock(kind: str, d: str, name: str = "bench") -> Any:
         return ProcessLock(name, timeout=30 if kind.endswith("timeout") else None)
     if kind == "proclock-decorated":
         return Decorated(name)
+    if kind == "proclock-postgres":
+        from proclock import ProcessLock
+        from proclock.backends import PostgresBackend
+
+        return ProcessLock(name, backend=PostgresBackend(POSTGRES_URL, namespace="proclock-bench"))
     if kind == "proclock-redis":
         from proclock import ProcessLock
 
@@ -209,12 +256,20 @@ def available_round_trip() -> list[str]:
         "proclock-timeout",
         "proclock-decorated",
         *_redis_kinds(),
+        *_postgres_kinds(),
         *_peer_kinds(timeouts=True),
     ]
 
 
 def available_handoff() -> list[str]:
-    return ["raw", "proclock", "proclock-timeout", *_redis_kinds(), *_peer_kinds(timeouts=True)]
+    return [
+        "raw",
+        "proclock",
+        "proclock-timeout",
+        *_redis_kinds(),
+        *_postgres_kinds(),
+        *_peer_kinds(timeouts=True),
+    ]
 
 
 def available_throughput() -> list[str]:
@@ -273,6 +328,9 @@ def run_handoffs(kind: str, d: str, count: int) -> list[float]:
                 if kind == "proclock-redis":
                     if _redis_subscribed(lock):  # then 2 ms for its retry: it sleeps after
                         end = min(end, time.monotonic() + 0.002)
+                elif kind == "proclock-postgres":
+                    if _postgres_waiters(lock.name):
+                        break  # queued in the server: the release hands it over
                 elif path and not POLLS.get(kind) and _blocked_waiters(path):
                     break
                 time.sleep(0.0001)
@@ -298,7 +356,7 @@ def _redis_subscribed(lock: Any) -> bool:
 
 
 def _lock_file(kind: str, d: str, name: str, lock: Any) -> str:
-    if kind == "proclock-redis":
+    if kind in ("proclock-redis", "proclock-postgres"):
         return ""
     if kind.startswith("proclock"):
         return str(lock.path)
