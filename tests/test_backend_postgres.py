@@ -485,7 +485,8 @@ def test_a_changed_backend_pid_is_refused_as_a_transaction_pooler(url, ns, admin
         lock._holds[-1][1].pid += 1  # as if the next statement ran on another session
         with pytest.raises(LockLostError, match="transaction-mode pooler"):
             lock.release()
-        assert server_locks(admin, quiet.key("pooled")) == []  # the session was closed
+        # The session was closed; the server drops its locks as it notices the disconnect.
+        wait_until(lambda: server_locks(admin, quiet.key("pooled")) == [])
         # At acquisition: the lock statement ran on another session than the one we opened.
         connect = quiet._connect
 
@@ -679,8 +680,9 @@ def test_cancelling_a_waiting_task_leaves_nothing_held(url, backend, ns, admin):
 
     with held_by_child(url, ns, "cancelled"):
         asyncio.run(main())
-    # Had the cancelled wait been granted after the child left, it would hold the lock now.
-    assert server_locks(admin, key) == []
+    # Had the cancelled wait been granted after the child left, it would hold the lock now
+    # (and for good: this would time out). The child's session ends as the server notices.
+    wait_until(lambda: server_locks(admin, key) == [])
     with ProcessLock("cancelled", backend=backend, blocking=False):
         pass
 
