@@ -178,6 +178,12 @@ def startup(quick: bool) -> dict[str, float]:
             "@singleton_process script": [sys.executable, str(script)],
         }
         env = dict(os.environ, PROCLOCK_DIR=tmp)
+        # As users run it: with bytecode caches (a session may set PYTHONDONTWRITEBYTECODE,
+        # which makes every import compile its module from source). One warm-up run each
+        # writes the caches.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        for cmd in cases.values():
+            subprocess.run(cmd, check=True, env=env)
         samples: dict[str, list[float]] = {k: [] for k in cases}
         for _ in range(runs):
             for k, cmd in cases.items():
