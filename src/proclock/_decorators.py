@@ -111,6 +111,11 @@ class _Namer:
             roots.append(root)
         return roots
 
+    @property
+    def fixed(self) -> ProcessLock | None:
+        """The one lock of every call, when the name does not depend on the call."""
+        return self._base if self._kind == "fixed" else None
+
     def lock_for(self, name_or_fn: Any, wrapped: Any, args: Any, kwargs: Any) -> ProcessLock:
         if self._kind == "fixed":
             return self._base
@@ -221,6 +226,25 @@ def _decorate(func: Any, spec: _Spec) -> Any:
                     lock._give(entry, owner)  # noqa: SLF001
 
             return call()
+
+    elif namer.fixed is not None:
+        # One lock for every call: straight to the backend (three Python calls fewer).
+        fixed = namer.fixed
+        backend = fixed._backend  # noqa: SLF001
+        try_now, release, take_waiting = backend.try_now, backend.release, fixed._take_waiting  # noqa: SLF001
+
+        def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:  # noqa: ARG001
+            owner = current_owner()
+            entry = try_now(fixed, owner)
+            if entry is None:
+                try:
+                    entry = take_waiting(owner)
+                except LockHeldError as error:
+                    return spec.contended(error)
+            try:
+                return wrapped(*args, **kwargs)
+            finally:
+                release(fixed, entry, owner)
 
     else:
 

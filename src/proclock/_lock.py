@@ -245,7 +245,7 @@ class ProcessLock:
         """
         lock = self if blocking is UNSET and timeout is UNSET else self._with(blocking, timeout)
         owner = _owners.current_owner()
-        entry = lock._take(owner)  # noqa: SLF001
+        entry: Any = lock._backend.try_now(lock, owner) or lock._take_waiting(owner)  # noqa: SLF001
         holds = self._holds
         holds.append((owner, entry, _owners.fork_generation))
         self._fresh = (owner, len(holds))
@@ -340,7 +340,7 @@ class ProcessLock:
             last = holds[-1]
             if last[2] == _owners.fork_generation and last[0] == _owners.current_owner():
                 holds.pop()  # the common case: the innermost hold, by its owner
-                self._give(last[1], last[0])
+                self._backend.release(self, last[1], last[0])
                 return
         holds = self._live_holds()
         if not holds:
