@@ -262,7 +262,9 @@ def main() -> int:
             if args.only in (None, name):
                 results[name] = step(d)
     RESULTS.mkdir(exist_ok=True)
-    last = RESULTS / ("last-quick.json" if args.quick else "last.json")
+    # One file per kind of run, so that a partial run is compared only with its own kind.
+    stem = "last" + ("-quick" if args.quick else "") + (f"-{args.only}" if args.only else "")
+    last = RESULTS / f"{stem}.json"
     if last.exists():
         with contextlib.suppress(ValueError):
             compare(results, json.loads(last.read_text()))
