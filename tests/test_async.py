@@ -7,12 +7,10 @@ import logging
 import re
 import sys
 import time
-from contextlib import contextmanager
 
 import pytest
 
-from children import hold
-from conftest import SPAWN
+from helpers import held_by_child
 from proclock import (
     LockHeldError,
     LockTimeoutError,
@@ -22,21 +20,6 @@ from proclock import (
     lock_path,
     process_locked,
 )
-
-
-@contextmanager
-def held_by_child(name, lock_dir):
-    """A spawned process holds `name`; `release()` lets it go early, the exit always does."""
-    locked, release = SPAWN.Event(), SPAWN.Event()
-    child = SPAWN.Process(target=hold, args=(name, str(lock_dir), locked, release))
-    child.start()
-    try:
-        assert locked.wait(30), "the child never took the lock"
-        yield release
-    finally:
-        release.set()
-        child.join(timeout=30)
-    assert child.exitcode == 0
 
 
 def registry(name):
@@ -97,8 +80,8 @@ def test_waiting_never_blocks_the_loop(lock_dir):
         tick_task.cancel()
         return ticks
 
-    with held_by_child(name, lock_dir) as release:
-        asyncio.run(main(release))
+    with held_by_child(name, lock_dir) as child:
+        asyncio.run(main(child.release))
     assert state == {"inside": 0, "max_inside": 1, "ran": tasks_n}
     assert registry(name) == {**registry(name), "owners": 0, "waiters": 0}
 

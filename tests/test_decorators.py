@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import gc
 import inspect
-import os
 import threading
-from contextlib import contextmanager
 
 import pytest
 
-from children import hold
-from conftest import SPAWN
+from helpers import held_by_another_description, held_by_child, taken_elsewhere
 from proclock import (
     LockHeldError,
     LockNameError,
@@ -24,51 +20,6 @@ from proclock import (
 )
 
 MODULE = __name__
-
-
-def taken_elsewhere(name, **options):
-    """True if another thread of this process cannot take `name` right now."""
-    result = []
-
-    def attempt():
-        lock = ProcessLock(name, blocking=False, **options)
-        try:
-            lock.acquire()
-        except LockHeldError:
-            result.append(True)
-        else:
-            lock.release()
-            result.append(False)
-
-    thread = threading.Thread(target=attempt)
-    thread.start()
-    thread.join(30)
-    return result[0]
-
-
-@contextmanager
-def held_by_another_description(name):
-    """Hold `name` through an open file description of our own, as another process would."""
-    fd = os.open(lock_path(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield fd
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def held_by_child(name, lock_dir, *, shared=False):
-    locked, release = SPAWN.Event(), SPAWN.Event()
-    child = SPAWN.Process(target=hold, args=(name, str(lock_dir), locked, release, shared))
-    child.start()
-    try:
-        assert locked.wait(30), "the child never took the lock"
-        yield child
-    finally:
-        release.set()
-        child.join(timeout=30)
-    assert child.exitcode == 0
 
 
 # -- one behaviour over every kind of callable --------------------------------------------------

@@ -15,6 +15,7 @@ import pytest
 
 from children import hold
 from conftest import SPAWN
+from helpers import taken_elsewhere
 from proclock import (
     Holder,
     LockHeldError,
@@ -24,26 +25,6 @@ from proclock import (
     _owners,
     lock_path,
 )
-
-
-def taken_elsewhere(name, **options):
-    """True if another thread of this process cannot take `name` right now."""
-    result = []
-
-    def attempt():
-        lock = ProcessLock(name, blocking=False, **options)
-        try:
-            lock.acquire()
-        except LockHeldError:
-            result.append(True)
-        else:
-            lock.release()
-            result.append(False)
-
-    thread = threading.Thread(target=attempt)
-    thread.start()
-    thread.join(30)
-    return result[0]
 
 
 def kernel_busy(path):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import fcntl
 import math
-import os
 import random
 import threading
-from contextlib import contextmanager
 
 import pytest
 
 import proclock
+from helpers import held_by_another_description
 from proclock import (
     AlreadyRunningError,
     LockHeldError,
@@ -24,17 +23,6 @@ from proclock import (
     process_locked,
     singleton_process,
 )
-
-
-@contextmanager
-def held_by_another_description(name):
-    """Hold `name` through an open file description of our own, as another process would."""
-    fd = os.open(lock_path(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield fd
-    finally:
-        os.close(fd)
 
 
 def body():

@@ -7,6 +7,7 @@ import sys
 from . import _names, _owners
 from ._errors import AlreadyRunningError, LockHeldError, LockNameError
 from ._lock import ProcessLock
+from ._logging import log as _log
 
 TYPE_CHECKING = False  # typing costs ~3 ms of import time; mypy reads this as typing's
 if TYPE_CHECKING:
@@ -175,19 +176,13 @@ class _Spec:
         if outcome == "raise":
             raise error
         if outcome == "skip":
-            _owners_log().debug("skipped a call: %s", error)
+            _log.debug("skipped a call: %s", error)
             return None
         if outcome == "exit":
             sys.stderr.write(f"proclock: {error}; exiting\n")
             sys.stderr.flush()
             raise SystemExit(self.exit_code) from error
         return outcome(error)
-
-
-def _owners_log() -> Any:
-    from ._logging import log  # noqa: PLC0415
-
-    return log
 
 
 def _decorate(func: Any, spec: _Spec) -> Any:

@@ -25,11 +25,8 @@ if TYPE_CHECKING:
     from ._policy import Retry
     from .backends import Backend
 
-_DEBUG = 10  # logging.DEBUG
-
-# Module attributes so that tests can inject a clock and a sleep (timing logic is tested
-# without wall time).
-_monotonic = time.monotonic
+# A module attribute so that tests can inject a sleep (retry timing is tested without wall
+# time).
 _sleep = time.sleep
 
 
@@ -150,19 +147,13 @@ class ProcessLock:
         """The lock's name (the path for a lock made with path=)."""
         return self._label
 
-    def _locate(self) -> tuple[str, str | None, str]:
-        """(file path, directory to vet or None for path=, directory kind), resolved now."""
-        return FLOCK.locate(self)
-
     @property
     def path(self) -> str:
         """The lock file: the one held, else where it would be taken now (vetting the dir)."""
         holds = self._live_holds()
-        if holds:
-            return holds[-1][1].path
-        if self._backend is not FLOCK:
-            return self._backend.where(self, None)
-        path, directory, kind = self._locate()
+        if holds or self._backend is not FLOCK:
+            return self._backend.where(self, holds[-1][1] if holds else None)
+        path, directory, kind = FLOCK.locate(self)
         if directory is not None:
             _dirs.vet(directory, kind)
         return path

@@ -25,14 +25,12 @@ class _Log:
 
     def isEnabledFor(self, level: int) -> bool:  # noqa: N802  (the logging API's name)
         logger = self._logger
-        if logger is not None:
-            return logger.isEnabledFor(level)  # type: ignore[no-any-return]
         if logger is None:
             logging = sys.modules.get("logging")
             if logging is None:
                 return False
             logger = self._logger = logging.getLogger("proclock")
-        return bool(logger.isEnabledFor(level))
+        return logger.isEnabledFor(level)  # type: ignore[no-any-return]
 
     def debug(self, msg: str, *args: object) -> None:
         if self.isEnabledFor(DEBUG):

@@ -21,7 +21,7 @@ from ._errors import ProcLockError
 TYPE_CHECKING = False  # typing costs ~3 ms of import time; mypy reads this as typing's
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Callable
+    from collections.abc import Callable, Collection
     from typing import Any
 
 EX, SH = _flock.EX, _flock.SH
@@ -431,25 +431,28 @@ def _close_idle() -> None:
             del _entries[path]
 
 
-def _refuse_self_deadlock(entry: Entry, owner: object, *, sync: bool) -> None:
+def refuse_self_deadlock(
+    owners: Collection[object], owner: object, *, sync: bool, name: str, where: str
+) -> None:
     """Refuse a wait that only this very thread could end: it would hang forever.
 
     A task waiting for a lock that its own thread holds outside the event loop, or a thread
     blocking synchronously (inside a task) for a lock another task of the same loop holds.
+    `owners` are the lock's holders in this process, whatever the backend.
     """
     me = threading.get_ident()
     blocker = None
-    if owner != me and me in entry.owners:
+    if owner != me and me in owners:
         blocker = "the thread running this event loop, outside it"
     elif sync and not isinstance(owner, int):
         loop = owner.get_loop()  # type: ignore[attr-defined]
-        for other in entry.owners:
+        for other in owners:
             if not isinstance(other, int) and other.get_loop() is loop:  # type: ignore[attr-defined]
                 blocker = "another task of this event loop (await the lock instead)"
     if blocker is not None:
         msg = (
-            f"{entry.name!r} ({entry.path}) is held by {blocker}: waiting here would never "
-            "end; release it first"
+            f"{name!r} ({where}) is held by {blocker}: waiting here would never end; "
+            "release it first"
         )
         raise ProcLockError(msg)
 
@@ -478,18 +481,14 @@ def acquire(
             return
         if not blocking:
             raise _Busy
-        _refuse_self_deadlock(entry, owner, sync=True)
+        refuse_self_deadlock(entry.owners, owner, sync=True, name=entry.name, where=entry.path)
         waiter = _ThreadWaiter(op)
         entry.waiters.append(waiter)
     try:
         while True:
+            # The LOCK_NB try has just failed (above, or at the end of the last round): decide
+            # who waits in the kernel, wait, then try again.
             with _mutex:
-                waiter.rearm()
-                if waiter.error is not None:
-                    error, waiter.error = waiter.error, None
-                    raise error
-                if entry.try_take(op, owner):
-                    return
                 fd = entry.fd
                 direct = deadline is None and fd is not None and not entry.busy()
                 if direct:
@@ -500,11 +499,18 @@ def acquire(
                 assert fd is not None  # noqa: S101
                 if _wait_in_kernel(entry, fd, op, owner):
                     return
-                continue
-            remaining = None if deadline is None else deadline - clock()
-            if remaining is not None and remaining <= 0:
-                raise _Busy
-            waiter.wait(remaining)
+            else:
+                remaining = None if deadline is None else deadline - clock()
+                if remaining is not None and remaining <= 0:
+                    raise _Busy
+                waiter.wait(remaining)
+            with _mutex:
+                waiter.rearm()
+                if waiter.error is not None:
+                    error, waiter.error = waiter.error, None
+                    raise error
+                if entry.try_take(op, owner):
+                    return
     finally:
         with _mutex:
             entry.waiters.remove(waiter)
@@ -559,7 +565,7 @@ async def acquire_async(
             return
         if not blocking:
             raise _Busy
-        _refuse_self_deadlock(entry, owner, sync=False)
+        refuse_self_deadlock(entry.owners, owner, sync=False, name=entry.name, where=entry.path)
         waiter = _TaskWaiter(op, loop)
         start_waiting(entry, waiter)
     try:

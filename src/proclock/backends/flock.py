@@ -11,16 +11,10 @@ from .._logging import log as _logger
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
-
     from .._holder import Holder
     from .._lock import ProcessLock
 
 _DEBUG = 10  # logging.DEBUG
-
-
-def _log() -> Any:
-    return _logger
 
 
 class FlockBackend:
@@ -63,17 +57,14 @@ class FlockBackend:
 
     def try_now(self, lock: ProcessLock, owner: object) -> _owners.Entry | None:
         """The uncontended fast path: one LOCK_NB, one lstat, one pwrite."""
-        path, directory, kind = self.locate(lock)
         with _owners._mutex:
-            entry = _owners._entries.get(path)
-            if entry is None or entry.name is not lock._label:
-                entry = _owners.entry_for(path, directory, kind, lock._label, lock._mode)
+            entry = self._entry(lock)
             if entry.owners and _owners.reenter(entry, lock._op, owner, reentrant=lock._reentrant):
                 return entry
             if entry.try_take(lock._op, owner):
                 if _logger.isEnabledFor(_DEBUG):
                     entry.since = _clock()
-                    _logger.debug("acquired %r (%s) at once", lock._label, path)
+                    _logger.debug("acquired %r (%s) at once", lock._label, entry.path)
                 return entry
         return None
 
@@ -85,68 +76,63 @@ class FlockBackend:
         cls = LockTimeoutError if timed_out else LockHeldError
         return cls(entry.path, lock.name, holder, waited)
 
+    def _prepare(
+        self, lock: ProcessLock, owner: object, blocking: bool, timeout: float | None
+    ) -> tuple[_owners.Entry, bool, bool, float, float | None]:
+        """(entry, re-entered, may wait, start, deadline) of one attempt."""
+        with _owners._mutex:
+            entry = self._entry(lock)
+            if _owners.reenter(entry, lock._op, owner, reentrant=lock._reentrant):
+                return entry, True, False, 0.0, None
+        start = _clock()
+        wait = blocking and timeout != 0
+        if wait and _logger.isEnabledFor(_DEBUG):
+            _logger.debug("waiting for %r (%s)", lock.name, entry.path)
+        return entry, False, wait, start, None if timeout is None else start + timeout
+
+    @staticmethod
+    def _acquired(lock: ProcessLock, entry: _owners.Entry, start: float) -> _owners.Entry:
+        if _logger.isEnabledFor(_DEBUG):
+            entry.since = now = _clock()
+            _logger.debug("acquired %r (%s) after %.6fs", lock.name, entry.path, now - start)
+        return entry
+
     def attempt(
         self, lock: ProcessLock, owner: object, *, blocking: bool, timeout: float | None
     ) -> _owners.Entry | LockHeldError:
         """One attempt, waiting in the kernel as allowed (see the Backend contract)."""
-        log, clock = _log(), _clock
-        with _owners._mutex:
-            entry = self._entry(lock)
-            if _owners.reenter(entry, lock._op, owner, reentrant=lock._reentrant):
-                return entry
-        start = clock()
-        wait = blocking and timeout != 0
-        deadline = None if timeout is None else start + timeout
-        if wait and log.isEnabledFor(_DEBUG):
-            log.debug("waiting for %r (%s)", lock.name, entry.path)
+        entry, reentered, wait, start, deadline = self._prepare(lock, owner, blocking, timeout)
+        if reentered:
+            return entry
         try:
-            _owners.acquire(entry, lock._op, owner, blocking=wait, deadline=deadline, clock=clock)
+            _owners.acquire(entry, lock._op, owner, blocking=wait, deadline=deadline, clock=_clock)
         except _owners._Busy:
-            return self._give_up(lock, entry, clock() - start, timed_out=wait)
-        if log.isEnabledFor(_DEBUG):
-            entry.since = now = clock()
-            log.debug("acquired %r (%s) after %.6fs", lock.name, entry.path, now - start)
-        return entry
+            return self._give_up(lock, entry, _clock() - start, timed_out=wait)
+        return self._acquired(lock, entry, start)
 
     async def attempt_async(
         self, lock: ProcessLock, owner: object, *, blocking: bool, timeout: float | None
     ) -> _owners.Entry | LockHeldError:
         """`attempt` for coroutines: waits without blocking the event loop."""
-        log, clock = _log(), _clock
-        with _owners._mutex:
-            entry = self._entry(lock)
-            if _owners.reenter(entry, lock._op, owner, reentrant=lock._reentrant):
-                return entry
-        start = clock()
-        wait = blocking and timeout != 0
-        deadline = None if timeout is None else start + timeout
-        if wait and log.isEnabledFor(_DEBUG):
-            log.debug("waiting for %r (%s)", lock.name, entry.path)
+        entry, reentered, wait, start, deadline = self._prepare(lock, owner, blocking, timeout)
+        if reentered:
+            return entry
         try:
             await _owners.acquire_async(
-                entry,
-                lock._op,
-                owner,
-                blocking=wait,
-                deadline=deadline,
-                clock=clock,
+                entry, lock._op, owner, blocking=wait, deadline=deadline, clock=_clock
             )
         except _owners._Busy:
-            return self._give_up(lock, entry, clock() - start, timed_out=wait)
-        if log.isEnabledFor(_DEBUG):
-            entry.since = now = clock()
-            log.debug("acquired %r (%s) after %.6fs", lock.name, entry.path, now - start)
-        return entry
+            return self._give_up(lock, entry, _clock() - start, timed_out=wait)
+        return self._acquired(lock, entry, start)
 
     def release(self, lock: ProcessLock, token: object, owner: object) -> None:
         """Give back one hold of `owner`; the last one unlocks."""
         entry: _owners.Entry = token  # type: ignore[assignment]
         since = entry.since
         _owners.release(entry, owner)
-        log = _log()
-        if log.isEnabledFor(_DEBUG):
+        if _logger.isEnabledFor(_DEBUG):
             held = _clock() - since if since is not None else float("nan")
-            log.debug("released %r (%s) after holding %.6fs", lock.name, entry.path, held)
+            _logger.debug("released %r (%s) after holding %.6fs", lock.name, entry.path, held)
 
     def holder(self, lock: ProcessLock, token: object | None) -> Holder | None:
         """Who holds the lock file now, from /proc/locks and its metadata."""

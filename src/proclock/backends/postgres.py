@@ -644,25 +644,12 @@ class PostgresBackend:
 
     def _refuse_self_deadlock(self, lock: ProcessLock, owner: object, *, sync: bool) -> None:
         """Refuse a wait that only this very thread could end (as flock's registry does)."""
-        me = threading.get_ident()
         with _mutex:
             owners = dict(_held.get((self._identity, lock._label), {}))
-        if not owners:
-            return
-        blocker = None
-        if owner != me and me in owners:
-            blocker = "the thread running this event loop, outside it"
-        elif sync and not isinstance(owner, int):
-            loop = owner.get_loop()  # type: ignore[attr-defined]
-            for other in owners:
-                if not isinstance(other, int) and other.get_loop() is loop:  # type: ignore[attr-defined]
-                    blocker = "another task of this event loop (await the lock instead)"
-        if blocker is not None:
-            msg = (
-                f"{lock._label!r} ({self.where(lock, None)}) is held by {blocker}: waiting "
-                "here would never end; release it first"
+        if owners:
+            _owners.refuse_self_deadlock(
+                owners, owner, sync=sync, name=lock._label, where=self.where(lock, None)
             )
-            raise ProcLockError(msg)
 
     def try_now(self, lock: ProcessLock, owner: object) -> _Hold | None:
         """Re-entry, or one pg_try_advisory_lock (one round trip with the fencing bump)."""

@@ -376,7 +376,6 @@ class RedisBackend:
 
     def try_now(self, lock: ProcessLock, owner: object) -> _Lease | None:
         """Re-entry only (no network): `attempt` tries SET NX before it subscribes."""
-        self.validate(lock)
         with self._mutex:
             return self._reenter(lock, owner)
 
@@ -457,7 +456,6 @@ class RedisBackend:
 
         Each sleep lasts until a release publishes, the holder's lease runs out or the deadline.
         """
-        self.validate(lock)
         with self._mutex:
             lease = self._reenter(lock, owner)
         if lease is not None:
@@ -521,7 +519,6 @@ class RedisBackend:
         """
         import asyncio  # noqa: PLC0415
 
-        self.validate(lock)
         with self._mutex:
             lease = self._reenter(lock, owner)
         if lease is not None:
