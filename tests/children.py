@@ -234,7 +234,7 @@ def sigint_waiter():
     for its helper (if any) to let go and prints "free"; on the line "checked" makes the final
     checks and prints "OK".
     """
-    from proclock import _owners
+    from proclock import _core
 
     name = sys.argv[1]
     timeout = None if sys.argv[2] == "none" else float(sys.argv[2])
@@ -263,7 +263,7 @@ def sigint_waiter():
     announcer.join()
 
     def busy():
-        return {p: s for p, s in _owners.snapshot().items() if s["owners"] or s["waiters"]}
+        return {p: s for p, s in _core.snapshot().items() if s["owners"] or s["waiters"]}
 
     if busy() or lock.locked or len(os.listdir("/proc/self/fd")) != fds:
         raise SystemExit(f"left behind: {busy()}, fds {os.listdir('/proc/self/fd')} vs {fds}")

@@ -16,14 +16,14 @@ from proclock import (
     LockTimeoutError,
     ProcessLock,
     ProcLockError,
-    _owners,
+    _core,
     lock_path,
     process_locked,
 )
 
 
 def registry(name):
-    return _owners.snapshot().get(str(lock_path(name)), {"owners": 0, "waiters": 0})
+    return _core.snapshot().get(str(lock_path(name)), {"owners": 0, "waiters": 0})
 
 
 async def until(predicate, timeout=30):

@@ -14,7 +14,7 @@ from proclock import (
     LockHeldError,
     LockNameError,
     ProcessLock,
-    _owners,
+    _core,
     lock_path,
     process_locked,
 )
@@ -335,7 +335,7 @@ def test_template_field_a_call_cannot_fill_fails_at_that_call(lock_dir):
     with pytest.raises(LockNameError):
         run(Job())  # no "name" key
     assert len(ran) == 1
-    assert not any(s["owners"] or s["waiters"] for s in _owners.snapshot().values())
+    assert not any(s["owners"] or s["waiters"] for s in _core.snapshot().values())
 
 
 def test_empty_and_nul_names_are_refused():

@@ -26,7 +26,7 @@ from proclock import (
     UnsafeLockPathError,
     _flock,
     _lock,
-    _owners,
+    _core,
     lock_path,
     process_locked,
 )
@@ -297,7 +297,7 @@ def test_file_held_by_a_child_keeps_its_content_while_we_fail(lock_dir):
 
 
 def fd_of(lock: ProcessLock) -> int:
-    fd = _owners.snapshot()[lock.path]["fd"]
+    fd = _core.snapshot()[lock.path]["fd"]
     assert fd is not None
     return fd
 
@@ -648,7 +648,7 @@ def failing_pwrite(monkeypatch, lock_dir):
 def nothing_held(lock_dir: Path, path: Path, lock: ProcessLock | None = None) -> None:
     if lock is not None:
         assert not lock.locked
-    assert all(not s["owners"] for s in _owners.snapshot().values())
+    assert all(not s["owners"] for s in _core.snapshot().values())
     assert (
         subprocess.run(["flock", "-n", str(path), "true"], timeout=30, check=False).returncode == 0
     )

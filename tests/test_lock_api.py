@@ -22,7 +22,7 @@ from proclock import (
     LockTimeoutError,
     ProcessLock,
     ProcLockError,
-    _owners,
+    _core,
     lock_path,
 )
 
@@ -48,7 +48,7 @@ def wait_until(predicate, timeout=30):
 
 
 def waiters(path):
-    return _owners.snapshot().get(path, {}).get("waiters", 0)
+    return _core.snapshot().get(path, {}).get("waiters", 0)
 
 
 class ChildHolder:

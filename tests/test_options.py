@@ -18,7 +18,7 @@ from proclock import (
     ProcessLock,
     Retry,
     _lock,
-    _owners,
+    _core,
     lock_path,
     process_locked,
     singleton_process,

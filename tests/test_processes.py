@@ -16,7 +16,7 @@ import pytest
 import children
 from children import blocked_in_kernel, fd_targets, kernel_flocks, wait_until
 from conftest import FORK, SPAWN, TESTS
-from proclock import LockHeldError, LockTimeoutError, ProcessLock, _owners, lock_path
+from proclock import LockHeldError, LockTimeoutError, ProcessLock, _core, lock_path
 
 FLOCK = "/usr/bin/flock"
 # Python 3.12+ warns when a multi-threaded process forks (idle proclock helpers, xdist threads).
@@ -69,7 +69,7 @@ def flock_nb(path, *options):
 
 
 def held_here():
-    return {path: state for path, state in _owners.snapshot().items() if state["owners"]}
+    return {path: state for path, state in _core.snapshot().items() if state["owners"]}
 
 
 def own_kernel_holds(path):
@@ -311,7 +311,7 @@ def test_timed_out_wait_is_accurate_and_holds_nothing(lock_dir, start, fd_count,
     assert timed_out.value.holder.pid == holder.pid
     assert not lock.locked
     assert fd_count() == fds
-    state = _owners.snapshot()[lock.path]
+    state = _core.snapshot()[lock.path]
     assert (state["op"], state["owners"], state["waiters"]) == (0, 0, 0)
     assert own_kernel_holds(lock.path) == []
     release.set()
@@ -491,7 +491,7 @@ def test_shared_holders_in_threads_share(lock_dir):
         reader.start()
     try:
         both.wait()
-        assert sum(s["owners"] for s in _owners.snapshot().values()) == 2
+        assert sum(s["owners"] for s in _core.snapshot().values()) == 2
         with pytest.raises(LockHeldError):
             ProcessLock("readers", blocking=False).acquire()  # a writer is excluded
         assert flock_nb(lock_path("readers"), "-s") == 0

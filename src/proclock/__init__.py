@@ -12,10 +12,11 @@ from ._errors import (
     UnsafeLockPathError,
 )
 from ._holder import Holder
-from ._lock import ProcessLock, lock_path
+from ._lock import Acquired, ProcessLock, lock_path
 from ._policy import Retry
 
 __all__ = [
+    "Acquired",
     "AlreadyRunningError",
     "BackendUnavailableError",
     "Holder",

@@ -11,13 +11,12 @@ import json
 import os
 import re
 import signal
-import stat
 import subprocess
 import sys
 import threading
 import time
 
-from . import _dirs, _flock, _holder, _names
+from . import _dirs, _gc, _holder, _names
 from ._errors import LockHeldError, LockNameError, LockTimeoutError, ProcLockError
 from ._lock import ProcessLock, lock_path
 from ._policy import Retry
@@ -39,8 +38,6 @@ EXIT_NOTFOUND = 127  # as a shell: command not found
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-# A file name proclock makes: sanitised prefix, "-", 32 hex digits of SHA-256, ".lock".
-_FILE_RE = re.compile(r"(?P<prefix>[A-Za-z0-9._-]{1,64})-(?P<digest>[0-9a-f]{32})\.lock")
 _DURATION_RE = re.compile(r"(?P<n>\d+(?:\.\d*)?|\.\d+)(?P<unit>[smhdw]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -327,9 +324,7 @@ def _ago(seconds: float) -> str:
 
 
 def _who(holder: Holder | None) -> str:
-    if holder is None or holder.pid is None:
-        return "another process"
-    return f"pid {holder.pid} ({holder.command or 'unknown command'})"
+    return "another process" if holder is None else holder.describe()
 
 
 def _busy_line(error: LockHeldError, label: str) -> str:
@@ -390,7 +385,7 @@ class _WaitLine:
             return (head + elapsed)[: width - 1]
         if holder.pid is None:
             return (head + " held by another process" + elapsed)[: width - 1]
-        command = _short_command(holder.argv)
+        command = holder.short_command(width=1000)
         fixed = f"{head} held by pid {holder.pid} ()" + elapsed
         room = max(width - 1 - len(fixed), 8)
         if len(command) > room:
@@ -423,23 +418,6 @@ class _WaitLine:
         if self._shown:
             self._stream.write("\r\x1b[K")
             self._stream.flush()
-
-
-def _short_command(argv: tuple[str, ...] | None) -> str:
-    """A holder's command for the one-line wait message: `backup.sh --full`, as ps shows it.
-
-    For a holder that is itself `proclock run NAME -- COMMAND`, COMMAND is what it runs.
-    """
-    if not argv:
-        return "unknown command"
-    words = list(argv)
-    if "--" in words:
-        i = words.index("--")
-        head = words[:i]
-        if "run" in head and any(os.path.basename(w) == PROG for w in head) and words[i + 1 :]:
-            words = words[i + 1 :]
-    words[0] = os.path.basename(words[0])
-    return " ".join(words)
 
 
 def _is_tty(stream: TextIO) -> bool:
@@ -591,32 +569,11 @@ def _spawn_and_wait(command: list[str], pass_fds: tuple[int, ...], *, verbose: b
 # -- status --------------------------------------------------------------------------------------
 
 
-def _recover_name(path: str, meta: dict[str, Any] | None) -> str | None:
-    """The lock name of a file, if its record or its file name gives one that maps back to it."""
-    base = os.path.basename(path)
-    candidates = []
-    if meta is not None and isinstance(meta.get("name"), str):
-        candidates.append(meta["name"])
-    match = _FILE_RE.fullmatch(base)
-    if match is not None:
-        candidates.append(match["prefix"])
-    for candidate in candidates:
-        if candidate and "\x00" not in candidate and _names.file_name(candidate) == base:
-            return str(candidate)
-    return None
-
-
-def _lock_files(directory: str) -> list[str]:
-    with os.scandir(directory) as entries:
-        return sorted(
-            e.path for e in entries if e.name.endswith(".lock") and e.is_file(follow_symlinks=False)
-        )
-
-
 def _describe_file(path: str, name: str | None) -> dict[str, Any]:
     holder, waiters = _holder.lock_state(path)
     if name is None:
-        name = _recover_name(path, _holder.read_metadata(path))
+        meta = _holder.read_metadata(path)
+        name = _names.recover_name(os.path.basename(path), meta.get("name") if meta else None)
     state = "free" if holder is None else "shared" if holder.shared else "held"
     at = holder.acquired_at if holder is not None else None
     return {
@@ -645,7 +602,7 @@ def _status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         else:
             directory, kind = _dirs.resolve(args.dir)
             _dirs.vet(directory, kind)
-            rows = [_describe_file(p, None) for p in _lock_files(directory)]
+            rows = [_describe_file(p, None) for p in _gc.lock_files(directory)]
     except OSError as exc:
         _say(f"cannot use the lock directory: {exc}")
         return EXIT_CANTUSE
@@ -689,51 +646,18 @@ def _path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def collect(path: str, *, older_than: float | None, dry_run: bool) -> bool:
-    """Delete the lock file at `path` if nobody holds it now; True if it went (or would).
-
-    The file is unlinked while gc holds LOCK_EX on it: a process that opened it earlier gets
-    the orphaned inode only after gc closes it, and proclock's inode check after every
-    acquisition sends it to the file now at the path.
-    """
-    try:
-        before = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISREG(before.st_mode):
-        return False  # never open a FIFO, device or symlink
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return False  # gone, replaced by a symlink, or not ours to open
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or not _flock.try_lock(fd, _flock.EX, path):
-            return False  # held: never touched
-        if older_than is not None and time.time() - st.st_mtime < older_than:
-            return False
-        now = _flock.still_at_path(st.st_dev, st.st_ino, path)
-        if now is None:
-            return False  # replaced since we opened it: that file is someone else's business
-        if not dry_run:
-            os.unlink(path)
-        return True
-    finally:
-        os.close(fd)  # releases our lock, after the unlink
-
-
 def _gc(args: argparse.Namespace) -> int:
     try:
         directory, kind = _dirs.resolve(args.dir)
         _dirs.vet(directory, kind)
-        files = [p for p in _lock_files(directory) if _FILE_RE.fullmatch(os.path.basename(p))]
+        files = _gc.collectable(directory)
     except OSError as exc:
         _say(f"cannot use the lock directory: {exc}")
         return EXIT_CANTUSE
     failed = False
     for path in files:
         try:
-            gone = collect(path, older_than=args.older_than, dry_run=args.dry_run)
+            gone = _gc.collect(path, older_than=args.older_than, dry_run=args.dry_run)
         except OSError as exc:
             _say(f"cannot delete {path}: {exc}")
             failed = True

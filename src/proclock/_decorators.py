@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from . import _names, _owners
+from . import _core, _names
 from ._errors import AlreadyRunningError, LockHeldError, LockNameError
 from ._lock import ProcessLock
 from ._logging import log as _log
@@ -112,11 +112,6 @@ class _Namer:
             roots.append(root)
         return roots
 
-    @property
-    def fixed(self) -> ProcessLock | None:
-        """The one lock of every call, when the name does not depend on the call."""
-        return self._base if self._kind == "fixed" else None
-
     def lock_for(self, name_or_fn: Any, wrapped: Any, args: Any, kwargs: Any) -> ProcessLock:
         if self._kind == "fixed":
             return self._base
@@ -185,12 +180,36 @@ class _Spec:
         return outcome(error)
 
 
-def _decorate(func: Any, spec: _Spec) -> Any:
-    import wrapt  # noqa: PLC0415  (lazy: ~40 ms for wrapt 2.x, paid only by decorator users)
+_WRAPPER: Any = None
 
+
+def _wrapper_class() -> Any:
+    """wrapt.FunctionWrapper, pickled by reference like the function it replaces.
+
+    A decorated module-level function must cross process boundaries (ProcessPoolExecutor,
+    Pool.map): pickle then stores `module.qualname` and the other side imports the decorated
+    object from the module, lock included.
+    """
+    global _WRAPPER  # noqa: PLW0603
+    if _WRAPPER is None:
+        import wrapt  # noqa: PLC0415  (lazy: ~40 ms for wrapt 2.x, paid only by decorator users)
+
+        class LockedFunction(wrapt.FunctionWrapper):  # type: ignore[misc]
+            def __reduce_ex__(self, protocol: object) -> str:
+                return str(self.__qualname__)
+
+            def __reduce__(self) -> str:
+                return str(self.__qualname__)
+
+        _WRAPPER = LockedFunction
+    return _WRAPPER
+
+
+def _decorate(func: Any, spec: _Spec) -> Any:
+    """Every call, whatever its kind, takes the lock through the core: take, run, give."""
     flags = _code_flags(func)
     namer, name = spec.namer, spec.name
-    current_owner = _owners.current_owner
+    current_owner, take, give = _core.current_owner, _core.take, _core.give
 
     if flags & _CO_ASYNC_GENERATOR:
 
@@ -210,59 +229,51 @@ def _decorate(func: Any, spec: _Spec) -> Any:
             lock = namer.lock_for(name, wrapped, args, kwargs)
 
             async def call() -> Any:
-                owner = current_owner()
                 try:
-                    entry = await lock._take_async(owner)  # noqa: SLF001
+                    hold = await _core.take_async(
+                        lock._spec,  # noqa: SLF001
+                        lock._backend,  # noqa: SLF001
+                        current_owner(),
+                        lock._on_lost,  # noqa: SLF001
+                    )
                 except LockHeldError as error:
                     return spec.contended(error)
                 try:
                     return await wrapped(*args, **kwargs)
                 finally:
-                    lock._give(entry, owner)  # noqa: SLF001
+                    give(hold)
 
             return call()
-
-    elif namer.fixed is not None:
-        # One lock for every call: straight to the backend (three Python calls fewer).
-        fixed = namer.fixed
-        backend = fixed._backend  # noqa: SLF001
-        try_now, release, take_waiting = backend.try_now, backend.release, fixed._take_waiting  # noqa: SLF001
-
-        def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:  # noqa: ARG001
-            owner = current_owner()
-            entry = try_now(fixed, owner)
-            if entry is None:
-                try:
-                    entry = take_waiting(owner)
-                except LockHeldError as error:
-                    return spec.contended(error)
-            try:
-                return wrapped(*args, **kwargs)
-            finally:
-                release(fixed, entry, owner)
 
     else:
 
         def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:  # noqa: ARG001
             lock = namer.lock_for(name, wrapped, args, kwargs)
-            owner = current_owner()
             try:
-                entry = lock._take(owner)  # noqa: SLF001
+                hold = take(lock._spec, lock._backend, current_owner(), lock._on_lost)  # noqa: SLF001
             except LockHeldError as error:
                 return spec.contended(error)
             try:
                 return wrapped(*args, **kwargs)
             finally:
-                lock._give(entry, owner)  # noqa: SLF001
+                give(hold)
 
-    return wrapt.FunctionWrapper(func, wrapper)
+    return _wrapper_class()(func, wrapper)
 
 
 def _locked_generator(lock: ProcessLock, spec: _Spec, gen: Any) -> Any:
-    """Hold the lock from the first next() to exhaustion, close() or garbage collection."""
-    owner = _owners.current_owner()
+    """Hold the lock from the first next() to exhaustion, close() or garbage collection.
+
+    The hold belongs to the thread or task that started the generator (its recorded owner);
+    a finalizer that closes an abandoned generator in another thread releases that hold.
+    """
     try:
-        entry = lock._take(owner)  # noqa: SLF001
+        hold = _core.take(
+            lock._spec,  # noqa: SLF001
+            lock._backend,  # noqa: SLF001
+            _core.current_owner(),
+            lock._on_lost,  # noqa: SLF001
+        )
     except LockHeldError as error:
         gen.close()
         result = spec.contended(error)
@@ -275,14 +286,18 @@ def _locked_generator(lock: ProcessLock, spec: _Spec, gen: Any) -> Any:
         try:
             gen.close()
         finally:
-            lock._give(entry, owner)  # noqa: SLF001
+            _core.give(hold)
 
 
 async def _locked_async_generator(lock: ProcessLock, spec: _Spec, agen: Any) -> Any:
     """As `_locked_generator`, for async generators (asend/athrow are passed through)."""
-    owner = _owners.current_owner()
     try:
-        entry = await lock._take_async(owner)  # noqa: SLF001
+        hold = await _core.take_async(
+            lock._spec,  # noqa: SLF001
+            lock._backend,  # noqa: SLF001
+            _core.current_owner(),
+            lock._on_lost,  # noqa: SLF001
+        )
     except LockHeldError as error:
         await agen.aclose()
         result = spec.contended(error)
@@ -307,7 +322,7 @@ async def _locked_async_generator(lock: ProcessLock, spec: _Spec, agen: Any) -> 
         try:
             await agen.aclose()
         finally:
-            lock._give(entry, owner)  # noqa: SLF001
+            _core.give(hold)
 
 
 def _build(

@@ -98,9 +98,17 @@ def vet(directory: str, kind: str) -> None:
 
 
 def vet_parent(path: str) -> None:
-    """Vet the directory of an explicit lock file (`path=`), which must already exist."""
+    """Vet the directory of an explicit lock file (`path=`), creating it (0700) if missing."""
     parent = os.path.dirname(path) or "."
-    st = os.stat(parent)  # the parent may be reached through symlinks the user chose
+    try:
+        st = os.stat(parent)  # the parent may be reached through symlinks the user chose
+    except FileNotFoundError:
+        os.makedirs(parent, 0o700, exist_ok=True)
+        st = os.stat(parent)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeLockPathError(
+            parent, "the lock file's directory is not a directory; choose another path="
+        )
     if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
         raise UnsafeLockPathError(
             parent,

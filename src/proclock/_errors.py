@@ -10,10 +10,9 @@ if TYPE_CHECKING:
 
 
 def _describe(holder: Holder | None) -> str:
-    if holder is None or holder.pid is None:
+    if holder is None:
         return "another process"
-    command = " ".join(holder.argv) if holder.argv else "unknown command"
-    return f"pid {holder.pid} ({command})"
+    return holder.describe()
 
 
 class ProcLockError(Exception):
@@ -21,7 +20,15 @@ class ProcLockError(Exception):
 
 
 class LockHeldError(ProcLockError):
-    """The lock is busy and proclock gave up (non-blocking, zero timeout, or retries spent)."""
+    """The lock is busy and proclock gave up (non-blocking, zero timeout, or retries spent).
+
+    Attributes:
+        path: where the lock lives (a file path; a server and key for network backends).
+        name: the lock's name (None for a lock made with path=).
+        holder: who held it when proclock gave up, where that could be found out.
+        waited: seconds spent waiting, over all attempts.
+        attempts: how many attempts were made (more than one with retry=).
+    """
 
     def __init__(
         self,
@@ -29,16 +36,23 @@ class LockHeldError(ProcLockError):
         name: str | None = None,
         holder: Holder | None = None,
         waited: float = 0.0,
+        attempts: int = 1,
     ) -> None:
         self.path, self.name, self.holder, self.waited = path, name, holder, waited
+        self.attempts = attempts
         super().__init__(self._message())
 
+    def _label(self) -> str:
+        return repr(self.name) if self.name is not None else "lock"
+
+    def _tries(self) -> str:
+        return f" ({self.attempts} attempts)" if self.attempts > 1 else ""
+
     def _message(self) -> str:
-        label = repr(self.name) if self.name is not None else "lock"
-        return f"{label} ({self.path}) is held by {_describe(self.holder)}"
+        return f"{self._label()} ({self.path}) is held by {_describe(self.holder)}{self._tries()}"
 
     def __reduce__(self) -> tuple[Any, ...]:  # errors cross process boundaries: they must pickle
-        return type(self), (self.path, self.name, self.holder, self.waited)
+        return type(self), (self.path, self.name, self.holder, self.waited, self.attempts)
 
     def __str__(self) -> str:
         return self._message()
@@ -50,7 +64,11 @@ class LockTimeoutError(LockHeldError, TimeoutError):
     # TimeoutError is an OSError, which reads two positional arguments as (errno, strerror):
     # the message is passed as the only one, and __str__ is ours.
     def _message(self) -> str:
-        return f"{super()._message()} (gave up after {self.waited:.3f}s)"
+        tries = f", {self.attempts} attempts" if self.attempts > 1 else ""
+        return (
+            f"{self._label()} ({self.path}) is held by {_describe(self.holder)} "
+            f"(gave up after {self.waited:.3f}s{tries})"
+        )
 
 
 class AlreadyRunningError(LockHeldError):
@@ -60,7 +78,7 @@ class AlreadyRunningError(LockHeldError):
         label = repr(self.name) if self.name is not None else repr(self.path)
         return (
             f"another instance of {label} is already running: {_describe(self.holder)} "
-            f"holds {self.path}"
+            f"holds {self.path}{self._tries()}"
         )
 
 
@@ -68,30 +86,34 @@ class LockLostError(ProcLockError):
     """A held lock was lost before its holder released it (connection killed, lease expired).
 
     Raised from the decorated call or `with` block when it ends; `on_lost` callbacks get it at
-    once. `fencing_token` is the token of the hold that was lost, where the backend has one.
+    once. `path` is where the lock lived (as `ProcessLock.path` and `LockHeldError.path` name
+    it); `fencing_token` is the token of the hold that was lost, where the backend has one.
     """
 
     def __init__(
         self,
-        location: str,
+        path: str,
         name: str | None = None,
         reason: str = "",
         fencing_token: int | None = None,
     ) -> None:
-        self.location, self.name, self.reason = location, name, reason
+        self.path, self.name, self.reason = path, name, reason
         self.fencing_token = fencing_token
         label = repr(name) if name is not None else "lock"
         super().__init__(
-            f"{label} ({location}) was lost while held: {reason or 'no reason given'}; the "
+            f"{label} ({path}) was lost while held: {reason or 'no reason given'}; the "
             "protected work may have overlapped with another holder"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (self.location, self.name, self.reason, self.fencing_token)
+        return type(self), (self.path, self.name, self.reason, self.fencing_token)
 
 
 class BackendUnavailableError(ProcLockError, OSError):
-    """The lock server cannot be reached or refused us: never reported as a timeout."""
+    """The lock server cannot be reached or refused us: never reported as a timeout.
+
+    `location` names the server (a URL without its password), not a lock.
+    """
 
     def __init__(self, location: str, reason: str) -> None:
         self.location, self.reason = location, reason

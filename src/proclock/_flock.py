@@ -1,8 +1,22 @@
-"""The only module that touches flock(2): open the lock file safely, try, wait, verify, release."""
+"""The only module that touches flock(2): open the lock file safely, lock, verify, unlock.
+
+Descriptor identity. proclock keeps descriptors open between acquisitions, and user code may
+close a descriptor behind its back (`os.closerange` when daemonizing, a careless `os.close`),
+after which the number can be reused by an unrelated file. Locking, unlocking, writing or
+closing such a number would act on someone else's file (LOCK_UN on a user's description
+releases *their* lock). So every use is preceded by a check that the number still refers to
+the open file description proclock opened: at open, the description's file offset is set to a
+value unique to it (proclock never reads or writes through the offset: it uses pread/pwrite),
+and `lseek(fd, 0, SEEK_CUR)` must return that value. This is stronger than comparing
+fstat's (st_dev, st_ino), which cannot tell two descriptions of the same file apart, and
+cheaper (one syscall returning an int, 0.5 us here against fstat's 1.2 us). On a file system
+that refuses such an offset, the (st_dev, st_ino) comparison is used instead.
+"""
 
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 
@@ -26,8 +40,14 @@ _OPEN_FLAGS = (
 EX = fcntl.LOCK_EX
 SH = fcntl.LOCK_SH
 NB = fcntl.LOCK_NB
-_UN = fcntl.LOCK_UN
-flock = fcntl.flock  # for the registry's inlined fast path
+UN = fcntl.LOCK_UN
+flock = fcntl.flock
+lseek = os.lseek
+SEEK_CUR = os.SEEK_CUR
+
+# Odd offsets between 1 GiB and 2 GiB: every file system proclock may meet accepts them (FAT's
+# limit is 4 GiB), and no program leaves a description at exactly such an offset by chance.
+_MAGIC = itertools.count((1 << 30) + 1, 2)
 
 _KINDS = (
     (stat.S_ISLNK, "a symlink"),
@@ -48,11 +68,11 @@ def _refuse(path: str, mode: int) -> UnsafeLockPathError:
     )
 
 
-def open_lock_file(path: str, mode: int) -> tuple[int, os.stat_result]:
-    """Open (creating with `mode` if needed) the regular file at `path`; return (fd, fstat).
+def open_lock_file(path: str, mode: int) -> tuple[int, os.stat_result, bool]:
+    """Open (creating with `mode` if needed) the regular file at `path`.
 
-    Never follows a symlink, never opens a FIFO, device, socket or directory, and never creates,
-    truncates or chmods anything but a file it created itself.
+    Returns (fd, fstat, created). Never follows a symlink, never opens a FIFO, device, socket
+    or directory, and never creates, truncates or chmods anything but a file it created.
     """
     for _ in range(64):  # each loop is a lost create/delete race with someone else; bounded
         try:
@@ -62,7 +82,7 @@ def open_lock_file(path: str, mode: int) -> tuple[int, os.stat_result]:
         else:
             try:
                 os.fchmod(fd, mode)  # the umask must not shrink the mode the user asked for
-                return fd, os.fstat(fd)
+                return fd, os.fstat(fd), True
             except BaseException:
                 os.close(fd)
                 raise
@@ -80,13 +100,39 @@ def open_lock_file(path: str, mode: int) -> tuple[int, os.stat_result]:
             if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EMLINK):
                 raise _refuse(path, os.lstat(path).st_mode) from exc
             raise
-        st = os.fstat(fd)
+        try:
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
         if not stat.S_ISREG(st.st_mode):  # swapped between lstat and open
             os.close(fd)
             raise _refuse(path, st.st_mode)
-        return fd, st
+        return fd, st, False
     msg = f"{path!r}: the lock file keeps disappearing while being opened"
     raise OSError(errno.EAGAIN, msg, path)
+
+
+def mark(fd: int) -> int | None:
+    """Set the description's offset to a value unique to it; None if the file refuses it."""
+    magic = next(_MAGIC)
+    try:
+        if os.lseek(fd, magic, os.SEEK_SET) == magic:
+            return magic
+    except OSError:
+        pass
+    return None
+
+
+def same_description(fd: int, magic: int | None, dev: int, ino: int) -> bool:
+    """True if `fd` still refers to the description that `mark` gave `magic` (see above)."""
+    try:
+        if magic is not None:
+            return lseek(fd, 0, SEEK_CUR) == magic
+        st = os.fstat(fd)
+    except OSError:
+        return False  # closed (EBADF), or reused by a pipe or socket (ESPIPE)
+    return st.st_ino == ino and st.st_dev == dev and stat.S_ISREG(st.st_mode)
 
 
 def with_path(exc: OSError, path: str) -> OSError:
@@ -95,38 +141,8 @@ def with_path(exc: OSError, path: str) -> OSError:
     return exc
 
 
-def try_lock(fd: int, op: int, path: str) -> bool:
-    """One non-blocking attempt; False if another open file description holds it."""
-    try:
-        fcntl.flock(fd, op | NB)
-    except BlockingIOError:
-        return False
-    except OSError as exc:  # ENOLCK, EBADF, EINVAL...: never a silent run without the lock
-        raise with_path(exc, path) from None
-    return True
-
-
-def wait_lock(fd: int, op: int, path: str) -> None:
-    """Block in the kernel until the lock is ours: woken at release, no polling."""
-    try:
-        fcntl.flock(fd, op)
-    except OSError as exc:
-        raise with_path(exc, path) from None
-
-
-def unlock(fd: int) -> None:
-    fcntl.flock(fd, _UN)
-
-
 def still_at_path(dev: int, ino: int, path: str) -> os.stat_result | None:
-    """lstat(path) if the file there is still the one we opened (`dev`, `ino`), else None.
-
-    Checked after every acquisition: a tmp cleaner or `proclock gc` may have unlinked the file
-    while we waited, and a lock on an orphaned inode excludes nobody (the filelock unlink race).
-    `dev` and `ino` are fstat(fd)'s, taken at open: they never change for a descriptor, so
-    comparing them with lstat(path) is the fstat/lstat check at one syscall; a match also
-    proves st_nlink >= 1 (the inode is linked at `path`).
-    """
+    """lstat(path) if the file there is still the one we opened (`dev`, `ino`), else None."""
     try:
         now = os.lstat(path)
     except FileNotFoundError:
@@ -134,3 +150,18 @@ def still_at_path(dev: int, ino: int, path: str) -> os.stat_result | None:
     if now.st_ino != ino or now.st_dev != dev or not stat.S_ISREG(now.st_mode):
         return None
     return now
+
+
+def try_lock(fd: int, op: int, path: str) -> bool:
+    """One non-blocking attempt; False if another open file description holds it."""
+    try:
+        flock(fd, op | NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:  # ENOLCK, EBADF, EINVAL...: never a silent run without the lock
+        raise with_path(exc, path) from None
+    return True
+
+
+def unlock(fd: int) -> None:
+    flock(fd, UN)

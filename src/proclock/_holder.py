@@ -16,6 +16,7 @@ _META_BLOCK = 256  # metadata is padded to a multiple of this: same size, one pw
 _READ_MAX = 65536
 _SELF_CACHE_MAX = 1024
 _PROC_LOCKS_FIELDS = 6
+_COMMAND_WIDTH = 80
 
 
 class Holder(Frozen):
@@ -58,6 +59,20 @@ class Holder(Frozen):
     def command(self) -> str | None:
         """The holder's command line as one string, for messages."""
         return " ".join(self.argv) if self.argv else None
+
+    def short_command(self, width: int = _COMMAND_WIDTH) -> str:
+        """The command as ps shows it, on one line: `backup.sh --full`, cut to `width`.
+
+        The program is its base name; control characters are escaped; for a holder that is
+        itself `proclock run NAME -- COMMAND`, COMMAND is what it runs.
+        """
+        return short_command(self.argv, width)
+
+    def describe(self) -> str:
+        """`pid 1234 (backup.sh --full)`: how every message and `proclock status` name it."""
+        if self.pid is None:
+            return "another process"
+        return f"pid {self.pid} ({self.short_command()})"
 
 
 _self_cache: dict[str, Any] = {}
@@ -257,8 +272,95 @@ def _from_meta(meta: dict[str, Any] | None, pid: int | None) -> Holder | None:
     )
 
 
+def _escape(text: str) -> str:
+    """Control characters (a newline in an argument, an escape sequence) as visible escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def short_command(argv: tuple[str, ...] | list[str] | None, width: int = _COMMAND_WIDTH) -> str:
+    """See `Holder.short_command`."""
+    if not argv:
+        return "unknown command"
+    words = list(argv)
+    if "--" in words:
+        i = words.index("--")
+        head = words[:i]
+        runs_proclock = any(os.path.basename(w) == "proclock" for w in head) or (
+            "proclock" in head and "-m" in head
+        )
+        if "run" in head and runs_proclock and words[i + 1 :]:
+            words = words[i + 1 :]
+    words[0] = os.path.basename(words[0]) or words[0]
+    text = _escape(" ".join(words))
+    if len(text) > width:
+        text = text[: max(width - 3, 1)] + "..."
+    return text
+
+
+def _key(st: os.stat_result) -> str:
+    return f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+
+
+def _fd_locks(pid: int, key: str) -> bool | None:
+    """Whether process `pid` has a descriptor whose flock(2) lock is on the inode `key`.
+
+    From /proc/PID/fdinfo/*: the kernel lists there every lock of the open file description a
+    descriptor refers to, so an inheritor of a lock shows it too. None if we may not look.
+    """
+    needle = f" {key} "
+    try:
+        fds = os.listdir(f"/proc/{pid}/fdinfo")
+    except FileNotFoundError:
+        return False  # no such process
+    except OSError:
+        return None  # another user's process
+    for fd in fds:
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+                data = f.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        for line in data.splitlines():
+            if line.startswith("lock:") and "FLOCK" in line and needle in line + " ":
+                return True
+    return False
+
+
+def _live_holders(key: str) -> list[int]:
+    """Every process with a descriptor on the locked description(s) of inode `key`."""
+    found = []
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in sorted(pids):
+        if _fd_locks(pid, key):
+            found.append(pid)
+    return found
+
+
+def _kernel_holder(pid: int, shared: bool, meta: dict[str, Any] | None) -> Holder:
+    found = _from_meta(meta, pid) if not shared else None
+    if found is not None:
+        return found
+    return Holder(
+        pid=pid,
+        hostname=os.uname().nodename,
+        argv=_proc_cmdline(pid),
+        shared=shared,
+        start_time=_proc_start_time(pid),
+    )
+
+
 def lock_state(path: str) -> tuple[Holder | None, int]:
-    """(holder or None if free, number of waiters) for the lock file at `path`."""
+    """(holder or None if free, number of waiters) for the lock file at `path`.
+
+    The holder is a live process that holds the lock: /proc/locks names the process that took
+    it, which may have died since while a process that inherited the descriptor still holds
+    it (`proclock run NAME -- cmd` killed with SIGKILL): then the live holders are found from
+    /proc/PID/fdinfo. A dead process is never reported. For a shared lock held by several
+    processes, one of them is reported, another process than the caller where there is one.
+    """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -276,21 +378,33 @@ def lock_state(path: str) -> tuple[Holder | None, int]:
     if not holders:
         # Whatever the file says, nobody holds it: a killed holder's record is history.
         return None, waiters
-    first = holders[0]
-    if not first.shared:
-        found = _from_meta(read_metadata(path), first.pid)
-        if found is not None:
-            return found, waiters
-    return (
-        Holder(
-            pid=first.pid,
-            hostname=os.uname().nodename,
-            argv=_proc_cmdline(first.pid),
-            shared=first.shared,
-            start_time=_proc_start_time(first.pid),
-        ),
-        waiters,
-    )
+    me = os.getpid()
+    holders.sort(key=lambda lk: (lk.pid == me, lk.shared))  # others first, writers first
+    key = _key(st)
+    meta = read_metadata(path)
+    for lk in holders:
+        recorded = _from_meta(meta, lk.pid) if not lk.shared else None
+        if (
+            recorded is not None
+            and recorded.pid is not None
+            and recorded.start_time is not None
+            and _proc_start_time(recorded.pid) == recorded.start_time
+        ):
+            return recorded, waiters  # the record names a live process the kernel agrees on
+        if _fd_locks(lk.pid, key) is not False:
+            return _kernel_holder(lk.pid, lk.shared, meta), waiters
+    # Every process the kernel names is gone (or holds no descriptor on it any more): the
+    # lock lives on in a process that inherited the descriptor.
+    live = _live_holders(key)
+    live.sort(key=lambda pid: pid == me)
+    for pid in live:
+        if meta is not None and meta.get("pid") == pid:
+            found = _from_meta(meta, None)
+            if found is not None and _proc_start_time(pid) == found.start_time:
+                return found, waiters
+    if live:
+        return _kernel_holder(live[0], holders[0].shared, None), waiters
+    return Holder(pid=None, shared=holders[0].shared), waiters
 
 
 def holder_of(path: str) -> Holder | None:

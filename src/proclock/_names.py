@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 _PREFIX_MAX = 64
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _FILE_NAMES: dict[str, str] = {}
+_MAIN_MODULES = ("__main__", "__mp_main__")
+_DIGEST_HEX = 32
 _FILE_NAMES_MAX = 4096
 
 
@@ -43,7 +45,7 @@ def file_name(name: str) -> str:
         return cached
     import hashlib  # noqa: PLC0415  (lazy: ~2 ms of import time)
 
-    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:_DIGEST_HEX]
     readable = "".join(c if c in _SAFE else "_" for c in name[: _PREFIX_MAX * 2])
     prefix = readable.lstrip(".")[:_PREFIX_MAX] or "lock"
     result = f"{prefix}-{digest}.lock"
@@ -84,7 +86,9 @@ def derived_name(func: Any) -> str:
         raise LockNameError(
             qualname, "a lambda has no name to derive a lock from; pass name= explicitly"
         )
-    if module == "__main__" or module is None:
+    if module in _MAIN_MODULES or module is None:
+        # multiprocessing's spawn and forkserver children import the main script as
+        # `__mp_main__`: it must derive the same name as the parent, or they exclude nobody.
         module = main_module_name() or "__main__"
     return f"{module}.{qualname}"
 
@@ -92,3 +96,32 @@ def derived_name(func: Any) -> str:
 def program_name(func: Any) -> str:
     """The name `singleton_process` uses: the program, not the decorated function."""
     return main_module_name(program=True) or derived_name(func)
+
+
+def is_lock_file_name(base: str) -> bool:
+    """True for a file name proclock makes: `<prefix>-<32 hex digits>.lock`."""
+    if not base.endswith(".lock") or len(base) < _DIGEST_HEX + 7:  # "x-" + digest + ".lock"
+        return False
+    stem = base[:-5]
+    prefix, dash, digest = stem[:-_DIGEST_HEX - 1], stem[-_DIGEST_HEX - 1], stem[-_DIGEST_HEX:]
+    return (
+        dash == "-"
+        and 0 < len(prefix) <= _PREFIX_MAX
+        and all(c in _SAFE for c in prefix)
+        and all(c in "0123456789abcdef" for c in digest)
+    )
+
+
+def recover_name(base: str, recorded: object) -> str | None:
+    """The lock name behind the file name `base`, from its record or its readable prefix.
+
+    A candidate is accepted only if it maps back to exactly `base`: a record copied from
+    another file, or a prefix that was sanitised, is never shown as the name.
+    """
+    candidates = [recorded] if isinstance(recorded, str) else []
+    if is_lock_file_name(base):
+        candidates.append(base[: -_DIGEST_HEX - 6])
+    for candidate in candidates:
+        if candidate and "\x00" not in candidate and file_name(candidate) == base:
+            return candidate
+    return None

@@ -92,7 +92,8 @@ def _random() -> Any:
 
 
 ONE_ATTEMPT = Retry(attempts=1)
-_MODE_BITS = 0o7777
+_PERMISSIONS = 0o777
+_OWNER_RW = 0o600
 
 
 def check_timeout(timeout: object) -> float | None:
@@ -132,7 +133,25 @@ def check_wait(*, blocking: object, timeout: float | None, retry: Retry) -> None
 
 
 def check_mode(mode: object) -> int:
-    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= _MODE_BITS:
-        msg = f"mode must be file permission bits such as 0o600, got {mode!r}"
+    """Permission bits (0..0o777) that let the owner read and write the lock file.
+
+    Anything else (a decimal 600 by mistake, setuid bits, a read-only 0o400) would make the
+    lock file unusable for the next process, so it is refused when the lock is made.
+    """
+    if isinstance(mode, bool) or not isinstance(mode, int):
+        msg = f"mode must be file permission bits such as 0o600, not {mode!r}"
         raise ValueError(msg)
-    return mode
+    if 0 <= mode <= _PERMISSIONS and mode & _OWNER_RW == _OWNER_RW:
+        return mode
+    hint = ""
+    digits = str(mode)
+    if mode > 0 and set(digits) <= set("01234567"):
+        octal = int(digits, 8)
+        if octal <= _PERMISSIONS and octal & _OWNER_RW == _OWNER_RW:
+            hint = f"; did you mean 0o{digits}?"
+    if not 0 <= mode <= _PERMISSIONS:
+        why = "only permission bits (0o000 to 0o777) can be given"
+    else:
+        why = "the owner must be able to read and write the lock file (include 0o600)"
+    msg = f"mode={mode!r} ({mode:#o}) cannot be a lock file's mode: {why}{hint}"
+    raise ValueError(msg)

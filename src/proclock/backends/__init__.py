@@ -1,21 +1,36 @@
 """Lock primitives behind ProcessLock and the decorators: flock(2) is the default.
 
 `PostgresBackend` (extra `proclock[postgres]`) and `RedisBackend` (extra `proclock[redis]`) are
-imported on first use, so that `import proclock` never pays for a database driver.
+imported on first use, so that `import proclock` never pays for a database driver; `Backend`
+(the protocol, on `typing`) likewise.
 """
 
 from __future__ import annotations
 
-from ._base import Backend
+from ._base import Handle
 from .flock import FLOCK, FlockBackend
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["FLOCK", "Backend", "FlockBackend", "PostgresBackend", "RedisBackend", "resolve"]
+    from ._protocol import Backend
 
-_LAZY = {"PostgresBackend": ("postgres", "postgres"), "RedisBackend": ("redis", "redis")}
+__all__ = [
+    "FLOCK",
+    "Backend",
+    "FlockBackend",
+    "Handle",
+    "PostgresBackend",
+    "RedisBackend",
+    "resolve",
+]
+
+_LAZY = {
+    "PostgresBackend": ("postgres", "postgres"),
+    "RedisBackend": ("redis", "redis"),
+    "Backend": ("_protocol", None),
+}
 _SCHEMES = {
     "postgresql": "PostgresBackend",
     "postgres": "PostgresBackend",
@@ -24,7 +39,7 @@ _SCHEMES = {
     "unix": "RedisBackend",
 }
 _BY_URL: dict[str, Any] = {}
-_METHODS = ("try_now", "attempt", "attempt_async", "release", "holder", "where", "fencing_token")
+_METHODS = ("location", "try_acquire", "acquire", "acquire_async", "release", "holder")
 
 
 def __getattr__(name: str) -> Any:
@@ -62,6 +77,9 @@ def resolve(backend: object) -> Backend:
         _BY_URL[backend] = found
         return found  # type: ignore[no-any-return]
     missing = [m for m in _METHODS if not callable(getattr(backend, m, None))]
+    capabilities = getattr(backend, "capabilities", None)
+    if not isinstance(capabilities, frozenset):
+        missing.append("capabilities (a frozenset)")
     if missing:
         msg = (
             f"backend={backend!r} is not a lock backend (it lacks {', '.join(missing)}); pass "

@@ -1,61 +1,68 @@
-"""The contract between ProcessLock (options, retries, holds) and a lock primitive."""
+"""What backends return and declare: the frozen Handle and the capability names.
+
+The contract itself (`Backend`, a `typing.Protocol`) is in `_protocol.py`, imported only when
+asked for, so that `import proclock` does not pay for `typing`.
+"""
 
 from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Protocol
+    from typing import Any
 
-    from .._errors import LockHeldError
-    from .._holder import Holder
-    from .._lock import ProcessLock
+# Capability names a backend may declare in its `capabilities` frozenset.
+SHARED = "shared"  # reader locks (shared=True)
+FENCING = "fencing"  # handles carry a fencing token, strictly increasing per lock name
+FD = "fd"  # handles carry a descriptor a child process can inherit (proclock run)
+LOSS = "loss"  # a hold can be lost while its holder lives; it reports that (see `lost`)
+FREED_ON_EXIT = "freed-on-exit"  # a holder that dies frees the lock at once (no lease to run out)
+ALL = frozenset((SHARED, FENCING, FD, LOSS, FREED_ON_EXIT))
 
-    class Backend(Protocol):
-        """What a lock primitive provides; ProcessLock does the rest (retry, holds, fork).
 
-        A *token* is whatever the backend needs to release a hold later. `owner` is the thread
-        or asyncio task (or a generator's recorded owner) that holds: backends exclude owners
-        of one process from each other exactly as they exclude processes.
-        """
+class Handle:
+    """Proof of one acquisition by a backend: where, the fencing token, the descriptor.
 
-        def try_now(self, lock: ProcessLock, owner: object) -> object | None:
-            """Take the lock at once if that needs no waiting (re-entry included), else None."""
-            ...
+    Immutable to everyone but its backend (`private`, the backend's own state of the hold)
+    and the core (which links it to the hold it belongs to). Compared by identity: two
+    acquisitions are two handles.
 
-        def attempt(
-            self, lock: ProcessLock, owner: object, *, blocking: bool, timeout: float | None
-        ) -> object:
-            """One attempt, waiting as allowed: a token, or the LockHeldError saying why not.
+    Attributes:
+        location: where the lock lives, as `ProcessLock.path` shows it.
+        fencing_token: strictly increasing per lock name, or None (see `ProcessLock`).
+        fd: the locked file's descriptor (flock), or None.
+        shared: whether this is a reader hold.
+    """
 
-            Errors of the primitive itself (OSError, a server down) are raised, not returned:
-            they are never retried as contention.
-            """
-            ...
+    __slots__ = ("_core", "_lost", "fd", "fencing_token", "location", "private", "shared")
+    location: str
+    fencing_token: int | None
+    fd: int | None
+    shared: bool
+    private: Any
 
-        async def attempt_async(
-            self, lock: ProcessLock, owner: object, *, blocking: bool, timeout: float | None
-        ) -> object | LockHeldError:
-            """`attempt` without blocking the event loop; cancellation leaves nothing held."""
-            ...
+    def __init__(
+        self,
+        location: str,
+        *,
+        fencing_token: int | None = None,
+        fd: int | None = None,
+        shared: bool = False,
+        private: Any = None,
+    ) -> None:
+        setter = object.__setattr__
+        setter(self, "location", location)
+        setter(self, "fencing_token", fencing_token)
+        setter(self, "fd", fd)
+        setter(self, "shared", shared)
+        setter(self, "private", private)
+        setter(self, "_core", None)  # the core's Hold, for backends that can lose a hold
+        setter(self, "_lost", None)  # the reason, once a backend reported the hold lost
 
-        def release(self, lock: ProcessLock, token: object, owner: object) -> None:
-            """Give back one hold of `owner`."""
-            ...
+    def __setattr__(self, field: str, value: object) -> None:
+        msg = f"Handle is immutable: cannot assign to {field!r}"
+        raise AttributeError(msg)
 
-        def holder(self, lock: ProcessLock, token: object | None) -> Holder | None:
-            """Who holds the lock now; None if it is free."""
-            ...
-
-        def where(self, lock: ProcessLock, token: object | None) -> str:
-            """The lock's location (a file path, a key) for messages and `lock.path`."""
-            ...
-
-        def fencing_token(self, token: object) -> int | None:
-            """The hold's fencing token (strictly increasing per name), or None."""
-            ...
-
-    # A hold that is lost while held: the backend calls `lock._lost(LockLostError(...))` at
-    # once (which logs and calls on_lost), and raises that LockLostError from `release()`.
-
-else:
-    Backend = object
+    def __repr__(self) -> str:
+        token = "" if self.fencing_token is None else f" fencing_token={self.fencing_token}"
+        fd = "" if self.fd is None else f" fd={self.fd}"
+        return f"<Handle {self.location!r}{' shared' if self.shared else ''}{token}{fd}>"

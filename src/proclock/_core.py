@@ -1,0 +1,594 @@
+"""The lock core: holds, re-entry, waiting and retries, contention errors, loss, logging, fork.
+
+Everything proclock promises about holds is written here once, for every backend and for every
+caller (ProcessLock and the decorators take the same path). A backend is a primitive that takes
+and gives back a lock for one owner (`backends._protocol.Backend`); it never sees a ProcessLock.
+
+What this module guarantees:
+
+- An owner is a thread, an asyncio task, or (for a decorated generator) the thread or task that
+  started it. Each owner takes a lock through a handle of its own, so the kernel or the server
+  excludes owners of one process from each other exactly as it excludes processes. What stays
+  here is one `Hold` per owner and lock: a count of re-entries.
+- Re-entry by the owner that holds the lock counts on its hold (`reentrant=False` refuses it);
+  an owner holding the lock shared that asks for it exclusively is refused (flock(2) cannot
+  upgrade without releasing first); a wait that only this very thread could end is refused
+  rather than left to hang: a sync wait inside an event loop whose other task holds the lock,
+  or a task awaiting a lock its own thread holds outside the loop.
+- A hold is registered (PENDING) before the backend's first syscall, and any exception between
+  the kernel's grant and the end of the bookkeeping (Ctrl-C included) gives back what was
+  granted: nothing is ever held with no owner. Releasing is idempotent and is redone if an
+  exception interrupts it.
+- The registry's lock is reentrant and its sections run no user code, encode nothing and touch
+  no file: a signal handler or a finalizer that takes or releases a lock cannot deadlock. A
+  handler that takes a lock its own thread is in the middle of acquiring is refused
+  (ProcLockError); one that takes a lock its own thread is in the middle of releasing finishes
+  that release first.
+- A hold lost while held (backends with the "loss" capability report it) is logged and handed
+  to every `on_lost` callback at once, re-entry then raises LockLostError, and every release
+  of it raises LockLostError.
+- A forked child holds nothing its parent held (its releases of those holds do nothing), except
+  a hold handed over with `transfer_on_fork()`, and only if the fork succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+from ._errors import LockHeldError, LockLostError, LockTimeoutError, ProcLockError
+from ._logging import log as _log
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from ._spec import LockSpec
+    from .backends._base import Handle
+    from .backends._protocol import Backend
+
+    OnLost = Callable[[LockLostError], object]
+
+generation = 0  # bumped in every forked child: holds of another generation are the parent's
+_DEBUG = 10  # logging.DEBUG
+_clock = time.monotonic
+# Retry pauses go through these (tests inject recorders instead of sleeping).
+sleep = time.sleep
+sleep_async: Any = None  # asyncio.sleep, once asyncio is loaded
+
+# Hold states.
+PENDING = 0  # registered, the backend's attempt in flight
+HELD = 1  # the owner holds it
+RELEASING = 2  # the last release is giving it back to the backend
+RELEASED = 3  # given back
+GONE = 4  # handed to a forked child with transfer_on_fork(): the parent holds nothing
+STATE_NAMES = ("PENDING", "HELD", "RELEASING", "RELEASED", "GONE")
+
+
+class Hold:
+    """One owner's hold of one lock in this process."""
+
+    __slots__ = (
+        "backend",
+        "count",
+        "gen",
+        "handle",
+        "key",
+        "label",
+        "on_lost",
+        "owner",
+        "shared",
+        "since",
+        "state",
+        "transfer",
+    )
+
+    def __init__(
+        self,
+        spec: LockSpec,
+        backend: Backend,
+        key: tuple[str, object],
+        on_lost: OnLost | None,
+    ) -> None:
+        self.backend, self.key, self.owner = backend, key, key[1]
+        self.label, self.shared = spec.label, spec.shared
+        self.state = PENDING
+        self.count = 1
+        self.gen = generation
+        self.handle: Handle | None = None
+        self.on_lost: list[OnLost] = [] if on_lost is None else [on_lost]
+        self.since = 0.0
+        self.transfer = False
+
+    @property
+    def location(self) -> str:
+        return self.key[0]
+
+    def __repr__(self) -> str:
+        return f"<Hold {self.label!r} {STATE_NAMES[self.state]} x{self.count} by {self.owner!r}>"
+
+
+_guard = threading.RLock()
+_holds: dict[tuple[str, object], Hold] = {}
+
+
+def current_owner() -> object:
+    """The asyncio task running in this thread if any, else the thread."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is not None and asyncio.events._get_running_loop() is not None:  # noqa: SLF001
+        task = asyncio.current_task()
+        if task is not None:
+            return task
+    return threading.get_ident()
+
+
+# -- taking -----------------------------------------------------------------------------------
+
+
+def take(spec: LockSpec, backend: Backend, owner: object, on_lost: OnLost | None) -> Hold:
+    """Take the lock for `owner`, waiting and retrying as `spec` says; the hold, or raise.
+
+    Raises:
+        LockHeldError: busy, with blocking=False, timeout=0, or the retries spent.
+        LockTimeoutError: busy until a positive timeout expired.
+        LockLostError: re-entry into a hold that was lost.
+        ProcLockError: refused re-entry, upgrade or self-deadlock.
+        OSError: the primitive failed (an unusable lock file, a server that is down).
+    """
+    location = backend.location(spec)
+    key = (location, owner)
+    hold = _holds.get(key)
+    if hold is not None and _reenter(hold, spec, on_lost):
+        return hold
+    hold = Hold(spec, backend, key, on_lost)
+    _holds[key] = hold  # PENDING: a nested take by this owner now knows it is in flight
+    handle = None
+    try:
+        if spec.blocking and spec.timeout is None and not _log.isEnabledFor(_DEBUG):
+            # An unbounded wait: straight to the backend's blocking wait (one syscall when free).
+            _refuse_self_deadlock(location, owner, sync=True)
+            handle = backend.acquire(spec, None)
+            if handle is None:  # pragma: no cover - a backend breaking its contract
+                msg = f"{backend!r} gave up an unbounded wait for {spec.label!r}"
+                raise ProcLockError(msg)  # noqa: TRY301
+        else:
+            handle = backend.try_acquire(spec)
+            if handle is None:
+                handle = _contended(spec, backend, location, owner, hold)
+        _held(hold, handle)
+    except BaseException:
+        _drop(hold, handle)
+        raise
+    return hold
+
+
+async def take_async(
+    spec: LockSpec, backend: Backend, owner: object, on_lost: OnLost | None
+) -> Hold:
+    """`take` for coroutines: waits without blocking the event loop; cancellable at any await."""
+    location = backend.location(spec)
+    key = (location, owner)
+    hold = _holds.get(key)
+    if hold is not None and _reenter(hold, spec, on_lost):
+        return hold
+    hold = Hold(spec, backend, key, on_lost)
+    _holds[key] = hold
+    handle = None
+    try:
+        handle = backend.try_acquire(spec)
+        if handle is None:
+            handle = await _contended_async(spec, backend, location, owner, hold)
+        _held(hold, handle)
+    except BaseException:
+        _drop(hold, handle)
+        raise
+    return hold
+
+
+def _reenter(hold: Hold, spec: LockSpec, on_lost: OnLost | None) -> bool:
+    """Count a re-entry into `hold` by its owner; False if it is not held any more."""
+    state = hold.state
+    if state == PENDING:
+        msg = (
+            f"{spec.label!r} ({hold.location}) is being acquired by this same thread or task, "
+            "which a signal handler or finalizer interrupted to take it again: waiting here "
+            "could never end; take it outside the handler, or use another lock"
+        )
+        raise ProcLockError(msg)
+    if state == RELEASING:
+        _finish_release(hold)  # a handler interrupted our own release: finish it, then take anew
+        return False
+    if state != HELD or hold.gen != generation:
+        return False
+    kind = "thread" if isinstance(hold.owner, int) else "task"
+    if not spec.reentrant:
+        msg = (
+            f"{spec.label!r} ({hold.location}) is already held by this {kind} and "
+            "reentrant=False forbids taking it again; release it first, or pass reentrant=True"
+        )
+        raise ProcLockError(msg)
+    if hold.shared and not spec.shared:
+        msg = (
+            f"{spec.label!r} ({hold.location}) is held shared by this {kind}, which now asks for "
+            "it exclusively: flock(2) cannot upgrade atomically (it would release first); "
+            "release the shared lock, then take the exclusive one"
+        )
+        raise ProcLockError(msg)
+    handle = hold.handle
+    if handle is not None and handle._lost is not None:  # noqa: SLF001
+        raise _lost_error(hold, handle)
+    with _guard:
+        if hold.state != HELD:
+            return False  # released by another thread just now (a generator's finalizer)
+        hold.count += 1
+    if on_lost is not None and on_lost not in hold.on_lost:
+        hold.on_lost.append(on_lost)
+    return True
+
+
+def _held(hold: Hold, handle: Handle) -> None:
+    """The backend granted `handle` to `hold`: link them, then count it held."""
+    object.__setattr__(handle, "_core", hold)
+    hold.handle = handle
+    hold.state = HELD
+    if _log.isEnabledFor(_DEBUG):
+        now = _clock()
+        waited = f"after {now - hold.since:.6f}s" if hold.since else "at once"
+        hold.since = now
+        _log.debug("acquired %r (%s) %s", hold.label, hold.location, waited)
+    if handle._lost is not None:  # noqa: SLF001  (lost before we could link it)
+        _announce(hold, handle)
+
+
+def _drop(hold: Hold, handle: Handle | None) -> None:
+    """Undo a take that failed or was interrupted: unregister, give back what was granted."""
+    with _guard:
+        if _holds.get(hold.key) is hold:
+            del _holds[hold.key]
+        hold.state = RELEASED
+    if handle is not None:
+        hold.backend.release(handle)
+
+
+def _refuse_self_deadlock(location: str, owner: object, *, sync: bool) -> None:
+    """Refuse a wait that only this very thread could end: it would hang forever."""
+    me = threading.get_ident()
+    asyncio = sys.modules.get("asyncio")
+    loop = asyncio.events._get_running_loop() if asyncio is not None else None  # noqa: SLF001
+    if loop is None and owner == me:
+        return  # a thread outside any event loop: its own holds were counted as re-entry
+    blocker = None
+    for (where, other), hold in list(_holds.items()):
+        if where != location or other is owner or hold.state != HELD:
+            continue
+        if other == me:
+            blocker = "the thread running this event loop, outside it"
+        elif sync and loop is not None and not isinstance(other, int):
+            if other.get_loop() is loop:  # type: ignore[attr-defined]
+                blocker = "another task of this event loop (await the lock instead)"
+    if blocker is not None:
+        msg = (
+            f"the lock at {location} is held by {blocker}: waiting here would never end; "
+            "release it first"
+        )
+        raise ProcLockError(msg)
+
+
+def _busy(
+    spec: LockSpec, backend: Backend, location: str, start: float, attempts: int, *, timed: bool
+) -> LockHeldError:
+    try:
+        holder = backend.holder(spec)
+    except Exception:  # noqa: BLE001  (who holds it is a courtesy; the contention is the news)
+        holder = None
+    cls = LockTimeoutError if timed else LockHeldError
+    return cls(location, spec.label, holder, _clock() - start, attempts)
+
+
+def _contended(
+    spec: LockSpec, backend: Backend, location: str, owner: object, hold: Hold
+) -> Handle:
+    """The first LOCK_NB-style try failed: wait and retry as the spec says, or raise."""
+    start = _clock()
+    wait = spec.blocking and spec.timeout != 0
+    if wait:
+        _refuse_self_deadlock(location, owner, sync=True)
+    debug = _log.isEnabledFor(_DEBUG)
+    if debug:
+        hold.since = start
+        if wait:
+            _log.debug("waiting for %r (%s)", spec.label, location)
+    pauses = None
+    attempts = 1
+    attempt_start = start
+    while True:
+        if wait:
+            timeout = spec.timeout
+            deadline = None if timeout is None else attempt_start + timeout
+            handle = backend.acquire(spec, deadline)
+            if handle is not None:
+                return handle
+        if pauses is None:
+            pauses = spec.retry.pauses()
+        pause = next(pauses, None)
+        if pause is None:
+            raise _busy(spec, backend, location, start, attempts, timed=wait)
+        if debug:
+            _log.debug("retrying %r in %.3fs (attempt %d)", spec.label, pause, attempts + 1)
+        sleep(pause)
+        attempts += 1
+        attempt_start = _clock()
+        handle = backend.try_acquire(spec)
+        if handle is not None:
+            return handle
+
+
+async def _contended_async(
+    spec: LockSpec, backend: Backend, location: str, owner: object, hold: Hold
+) -> Handle:
+    start = _clock()
+    wait = spec.blocking and spec.timeout != 0
+    if wait:
+        _refuse_self_deadlock(location, owner, sync=False)
+    debug = _log.isEnabledFor(_DEBUG)
+    if debug:
+        hold.since = start
+        if wait:
+            _log.debug("waiting for %r (%s)", spec.label, location)
+    pauses = None
+    attempts = 1
+    attempt_start = start
+    while True:
+        if wait:
+            timeout = spec.timeout
+            deadline = None if timeout is None else attempt_start + timeout
+            handle = await backend.acquire_async(spec, deadline)
+            if handle is not None:
+                return handle
+        if pauses is None:
+            pauses = spec.retry.pauses()
+        pause = next(pauses, None)
+        if pause is None:
+            raise _busy(spec, backend, location, start, attempts, timed=wait)
+        if debug:
+            _log.debug("retrying %r in %.3fs (attempt %d)", spec.label, pause, attempts + 1)
+        await _async_sleep(pause)
+        attempts += 1
+        attempt_start = _clock()
+        handle = backend.try_acquire(spec)
+        if handle is not None:
+            return handle
+
+
+async def _async_sleep(seconds: float) -> None:
+    fn = sleep_async
+    if fn is None:
+        import asyncio  # noqa: PLC0415
+
+        fn = asyncio.sleep
+    await fn(seconds)
+
+
+# -- giving back ------------------------------------------------------------------------------
+
+
+def give(hold: Hold) -> None:
+    """Give back one hold; the last one releases the backend's handle.
+
+    Does nothing for a hold already released, handed to a forked child, or taken by the parent
+    of this forked process.
+
+    Raises:
+        LockLostError: the hold was lost while held (raised by every release of it).
+    """
+    handle = None
+    try:
+        with _guard:
+            if hold.state != HELD or hold.gen != generation:
+                return
+            if hold.count > 1:
+                hold.count -= 1
+            else:
+                hold.count = 0
+                hold.state = RELEASING
+                handle = hold.handle
+        if handle is not None:
+            _finish_release(hold)
+    except BaseException:
+        if handle is not None:
+            _finish_release(hold)  # interrupted (Ctrl-C): the release is redone, never lost
+        raise
+    lost = hold.handle
+    if lost is not None and lost._lost is not None:  # noqa: SLF001
+        raise _lost_error(hold, lost)
+
+
+def _finish_release(hold: Hold) -> None:
+    """RELEASING -> RELEASED: give the handle back (idempotent), then unregister."""
+    handle = hold.handle
+    assert handle is not None  # noqa: S101
+    hold.backend.release(handle)
+    with _guard:
+        if hold.state == RELEASING:
+            hold.state = RELEASED
+            if _holds.get(hold.key) is hold:
+                del _holds[hold.key]
+            since = hold.since
+        else:
+            since = 0.0
+    if since and _log.isEnabledFor(_DEBUG):
+        _log.debug(
+            "released %r (%s) after holding %.6fs", hold.label, hold.location, _clock() - since
+        )
+
+
+# -- loss -------------------------------------------------------------------------------------
+
+
+def report_lost(handle: Handle, reason: str) -> None:
+    """Called by a backend the moment it knows `handle` is lost: log, then call on_lost.
+
+    Safe from any thread; the first report wins.
+    """
+    with _guard:
+        if handle._lost is not None:  # noqa: SLF001
+            return
+        object.__setattr__(handle, "_lost", reason)
+        hold = handle._core  # noqa: SLF001
+    if hold is not None:
+        _announce(hold, handle)
+
+
+def _lost_error(hold: Hold, handle: Handle) -> LockLostError:
+    return LockLostError(handle.location, hold.label, handle._lost or "", handle.fencing_token)  # noqa: SLF001
+
+
+def _announce(hold: Hold, handle: Handle) -> None:
+    error = _lost_error(hold, handle)
+    _log.error("%s", error)
+    for callback in list(hold.on_lost):
+        try:
+            callback(error)
+        except Exception:  # noqa: BLE001  (a failing callback must not kill the watcher)
+            _log.error("on_lost callback of %r raised", hold.label)
+
+
+# -- fork -------------------------------------------------------------------------------------
+
+
+def transfer_on_fork(hold: Hold) -> None:
+    """Hand `hold` to the child of the next os.fork() (for daemonizing)."""
+    from .backends._base import FD  # noqa: PLC0415
+
+    if FD not in hold.backend.capabilities:
+        msg = (
+            f"transfer_on_fork() of {hold.label!r}: the {hold.backend!r} backend's locks live in "
+            "a server session or lease that a child process cannot take over; only flock "
+            "locks (a descriptor the child inherits) can be handed over"
+        )
+        raise ProcLockError(msg)
+    hold.transfer = True
+
+
+_handshake: tuple[int, int] | None = None  # (read, write): the child says it exists
+
+
+def _flock_backend() -> Any:
+    return sys.modules.get("proclock.backends.flock")
+
+
+def _before_fork() -> None:
+    global _handshake  # noqa: PLW0603
+    _guard.acquire()
+    flock = _flock_backend()
+    if flock is not None:
+        for lock in flock.FlockBackend.fork_locks():
+            lock.acquire()
+    _handshake = None
+    if any(h.transfer and h.state == HELD for h in _holds.values()):
+        try:
+            _handshake = os.pipe()
+        except OSError:  # no descriptors left: the transfer cannot be confirmed, so it waits
+            _handshake = None
+
+
+def _release_fork_locks() -> None:
+    flock = _flock_backend()
+    if flock is not None:
+        for lock in reversed(flock.FlockBackend.fork_locks()):
+            lock.release()
+    _guard.release()
+
+
+def _after_fork_in_parent() -> None:
+    global _handshake  # noqa: PLW0603
+    try:
+        pipe, _handshake = _handshake, None
+        if pipe is None:
+            return
+        read, write = pipe
+        os.close(write)
+        try:
+            # The child writes at once from its own at-fork handler; if fork() failed there is
+            # no child and no other writer: EOF, and the parent keeps its locks.
+            born = os.read(read, 1) == b"x"
+        finally:
+            os.close(read)
+        if not born:
+            return
+        flock = _flock_backend()
+        for key, hold in list(_holds.items()):
+            if hold.transfer and hold.state == HELD:
+                hold.state = GONE
+                hold.transfer = False
+                del _holds[key]
+                if flock is not None and hold.handle is not None:
+                    flock.FlockBackend.handed_over(hold.handle)
+    finally:
+        _release_fork_locks()
+
+
+def _after_fork_in_child() -> None:
+    global _guard, generation, _handshake  # noqa: PLW0603
+    generation += 1
+    _guard = threading.RLock()  # the parent's may have been held by a thread that is gone
+    parent = os.getppid()
+    me = threading.get_ident()
+    kept = [h for h in _holds.values() if h.transfer and h.state == HELD]
+    _holds.clear()
+    for hold in kept:
+        hold.gen, hold.transfer = generation, False
+        hold.owner = me
+        hold.key = (hold.key[0], me)
+        _holds[hold.key] = hold
+    flock = _flock_backend()
+    if flock is not None:
+        flock.FlockBackend.after_fork_in_child([h.handle for h in kept if h.handle is not None])
+        for hold in kept:
+            if hold.handle is not None:
+                try:
+                    flock.FlockBackend.rewrite_record(hold.handle, hold.label, parent)
+                except OSError as exc:
+                    _log.error("could not rewrite the record of %r: %s", hold.label, exc)
+    pipe, _handshake = _handshake, None
+    if pipe is not None:
+        read, write = pipe
+        try:
+            os.write(write, b"x")
+        finally:
+            os.close(write)
+            os.close(read)
+
+
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
+
+
+# -- introspection ----------------------------------------------------------------------------
+
+
+def holds() -> list[Hold]:
+    """The holds of this process now (PENDING ones included), for tests and the CLI."""
+    return [h for h in list(_holds.values()) if h.gen == generation]
+
+
+def snapshot() -> dict[str, dict[str, int]]:
+    """location -> {"owners": owners holding it, "holds": with re-entries, "waiters": attempts}.
+
+    For tests and the CLI: what this process holds and is acquiring (waiting for) now.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for hold in holds():
+        row = out.setdefault(hold.location, {"owners": 0, "holds": 0, "waiters": 0})
+        if hold.state == HELD:
+            row["owners"] += 1
+            row["holds"] += hold.count
+        elif hold.state == PENDING:
+            row["waiters"] += 1
+    return out
