@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -58,10 +59,8 @@ def _no_leftover_holds():
     if held:  # release them, so that one failure does not fail every later test of the worker
         for hold in _core.holds():
             while hold.state == _core.HELD:
-                try:
+                with contextlib.suppress(Exception):  # a lost hold: given back all the same
                     _core.give(hold)
-                except Exception:  # noqa: S110  (a lost hold: given back all the same)
-                    pass
             _core._holds.pop(hold.key, None)
     assert not held, f"test left locks held: {held}"
 

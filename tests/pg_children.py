@@ -1,9 +1,8 @@
-"""Targets for the PostgreSQL backend's child processes (importable under spawn)."""
+"""Targets for test_backend_postgres.py's child processes (importable under spawn)."""
 
 from __future__ import annotations
 
 import os
-import time
 
 import proclock
 from proclock.backends.postgres import PostgresBackend
@@ -19,30 +18,6 @@ def hold(url, namespace, name, locked, release, shared=False):  # noqa: PLR0917 
         locked.set()
         if not release.wait(30):
             raise SystemExit(3)
-
-
-def hold_forever(url, namespace, name, locked):
-    """Hold `name` until killed."""
-    with _lock(url, namespace, name):
-        locked.set()
-        while True:
-            time.sleep(60)
-
-
-def count(url, name, path, iterations, start):
-    """Read, add one, write back `iterations` times through @process_locked(backend=url)."""
-
-    @proclock.process_locked(name, backend=url)
-    def bump():
-        with open(path) as f:
-            value = int(f.read())
-        time.sleep(0)  # let another process run in the window a lost update needs
-        with open(path, "w") as f:
-            f.write(str(value + 1))
-
-    start.wait(30)
-    for _ in range(iterations):
-        bump()
 
 
 def fence(url, namespace, name, path, iterations, start):  # noqa: PLR0917

@@ -24,6 +24,7 @@ from proclock import (
     process_locked,
     singleton_process,
 )
+from proclock._holder import short_command
 
 PATH = "/run/user/1000/proclock/billing-export-0123456789abcdef.lock"
 HOLDER = Holder(
@@ -191,7 +192,7 @@ def check_names_holder(error: LockHeldError, child, path: str) -> None:
     message = str(error)
     assert path in message
     assert str(child.pid) in message
-    assert " ".join(cmdline(child.pid)) in message
+    assert short_command(cmdline(child.pid)) in message
 
 
 @pytest.mark.parametrize(

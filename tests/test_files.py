@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 import children
+import proclock
 from conftest import SPAWN
 from proclock import (
     LockHeldError,
@@ -24,12 +25,12 @@ from proclock import (
     ProcessLock,
     ProcLockError,
     UnsafeLockPathError,
-    _flock,
-    _lock,
     _core,
+    _flock,
     lock_path,
     process_locked,
 )
+from proclock.backends import flock as flock_backend
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -272,8 +273,9 @@ def test_file_held_by_flock1_keeps_its_content_while_we_fail(lock_dir):
         before = snapshot(path)
         failed_attempts("busy")
         assert snapshot(path) == before
-    with ProcessLock("busy"):  # once held, we may (and do) replace it with our record
-        assert path.read_bytes() != FOREIGN
+    with ProcessLock("busy") as lock:  # held: still never written (not a proclock record)
+        assert path.read_bytes() == FOREIGN
+        assert lock.holder().pid == os.getpid()  # the kernel names the holder
 
 
 def test_file_held_by_a_child_keeps_its_content_while_we_fail(lock_dir):
@@ -296,8 +298,9 @@ def test_file_held_by_a_child_keeps_its_content_while_we_fail(lock_dir):
 # -- the unlink and replace races ---------------------------------------------------------------
 
 
-def fd_of(lock: ProcessLock) -> int:
-    fd = _core.snapshot()[lock.path]["fd"]
+def fd_of(lock) -> int:
+    """The descriptor of a hold: an `Acquired`, or a ProcessLock's innermost hold."""
+    fd = lock.handle.fd if isinstance(lock, proclock.Acquired) else lock._held_fd()
     assert fd is not None
     return fd
 
@@ -352,7 +355,7 @@ def test_waiter_takes_the_file_now_at_the_path(lock_dir, tmp_path, how):
             if how == "replace":
                 assert now.st_ino == new_ino
             assert same_file(os.fstat(fd_of(lock)), now)
-            assert lock.holder().pid == os.getpid()
+            assert lock.lock.holder().pid == os.getpid()
             third_party_cannot_take(lock_dir, path)
         finally:
             lock.release()
@@ -427,7 +430,7 @@ def fd_is(fd: int, path: Path) -> bool:
 def sleeps(monkeypatch):
     """Pauses between retries, recorded instead of slept."""
     recorded: list[float] = []
-    monkeypatch.setattr(_lock, "_sleep", recorded.append)
+    monkeypatch.setattr(_core, "sleep", recorded.append)
     return recorded
 
 
@@ -541,8 +544,9 @@ def failing_flock(monkeypatch, lock_dir):
             return real_flock(fd, op)
 
         monkeypatch.setattr(fcntl, "flock", fake_flock)
-        # The registry's inlined fast path calls flock through this alias.
+        # The flock backend calls flock(2) through these aliases.
         monkeypatch.setattr(_flock, "flock", fake_flock, raising=False)
+        monkeypatch.setattr(flock_backend, "_flock_call", fake_flock)
         return path, calls
 
     return install
@@ -660,8 +664,12 @@ def nothing_held(lock_dir: Path, path: Path, lock: ProcessLock | None = None) ->
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("warm", WARM)
-def test_enospc_writing_metadata_surfaces_and_holds_nothing(lock_dir, failing_pwrite, sleeps, warm):
+def test_enospc_writing_metadata_surfaces_and_holds_nothing(
+    lock_dir, failing_pwrite, sleeps, warm, monkeypatch
+):
     warm_up(warm)
+    # A record younger than RECORD_REFRESH is not rewritten: make every acquisition write.
+    monkeypatch.setattr(flock_backend, "RECORD_REFRESH", 0.0)
     path, calls = failing_pwrite()
     for lock in (ProcessLock("x"), ProcessLock("x", timeout=5, retry=3)):
         start = time.monotonic()

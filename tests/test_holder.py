@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import pytest
 import children
 from conftest import SPAWN
 from proclock import ProcessLock, lock_path
+from proclock.backends import flock as flock_backend
 
 
 def cmdline(pid: int) -> tuple[str, ...]:
@@ -49,31 +51,58 @@ def test_exclusive_acquisition_writes_who_and_when(lock_dir):
     assert [v for v in values if isinstance(v, float) and before <= v <= after]
 
 
-@pytest.mark.parametrize(
-    "old",
-    [
-        pytest.param(b"x" * 100_000, id="long-garbage"),
-        pytest.param(b'{"pid": 1, "argv": ["init"]}' + b" " * 5000 + b"\n", id="long-record"),
-        pytest.param(b"\x00\xff" * 3000, id="binary"),
-    ],
-)
-def test_previous_content_is_replaced_entirely(lock_dir, old):
+def test_a_longer_record_of_another_holder_is_replaced_entirely(lock_dir):
     path = lock_path("job")
-    path.write_bytes(old)
+    other = json.dumps({"v": 1, "pid": 1, "argv": ["x" * 5000], "name": "job", "at": 1.0})
+    path.write_bytes(other.encode() + b"\n")
     with ProcessLock("job"):
         assert record(path)["pid"] == os.getpid()  # parses: no tail of the old content
         assert os.stat(path).st_size < 4096
 
 
-def test_record_is_rewritten_at_each_acquisition(lock_dir):
+FOREIGN_CONTENTS = [
+    pytest.param(b"x" * 100_000, id="long-garbage"),
+    pytest.param(b'{"pid": 1, "argv": ["init"]}' + b" " * 5000 + b"\n", id="other-json"),
+    pytest.param(b"\x00\xff" * 3000, id="binary"),
+    pytest.param(b"#!/bin/sh\necho a script given as path=\n", id="script"),
+    pytest.param(b"12345\n", id="a-pid-written-by-a-flock1-user"),
+]
+
+
+@pytest.mark.parametrize("content", FOREIGN_CONTENTS)
+def test_a_file_with_other_content_is_never_written(lock_dir, content):
+    # Invariant 5: only an empty file or a proclock record is ever written; the holder is
+    # still named, from the kernel.
+    path = lock_path("job")
+    path.write_bytes(content)
+    os.chmod(path, 0o644)
+    before = os.stat(path)
+    with ProcessLock("job", mode=0o600) as lock:
+        assert lock.holder().pid == os.getpid()
+        assert lock.holder().argv == tuple(cmdline(os.getpid()))
+    after = os.stat(path)
+    assert path.read_bytes() == content
+    assert (after.st_size, after.st_mtime_ns, stat.S_IMODE(after.st_mode)) == (
+        before.st_size,
+        before.st_mtime_ns,
+        0o644,
+    )
+
+
+def test_record_is_refreshed_once_a_second(lock_dir, monkeypatch):
     path = lock_path("job")
     stamps = []
     for _ in range(2):
         before = time.time()
         with ProcessLock("job") as lock:
             stamps.append(lock.holder().acquired_at)
-        assert before <= stamps[-1]
-    assert stamps[0] < stamps[1]
+        assert before - flock_backend.RECORD_REFRESH <= stamps[-1]
+    # Re-acquired within RECORD_REFRESH: the record (and its acquired_at) is kept.
+    assert stamps[0] == stamps[1]
+    monkeypatch.setattr(flock_backend, "RECORD_REFRESH", 0.0)
+    before = time.time()
+    with ProcessLock("job") as lock:
+        assert before <= lock.holder().acquired_at
     assert record(path)["pid"] == os.getpid()
 
 
@@ -196,7 +225,10 @@ def test_odd_content_of_a_free_lock(lock_dir, content):
     assert ProcessLock("job").holder() is None
     with ProcessLock("job", blocking=False) as lock:
         assert lock.holder().pid == os.getpid()
-        assert record(path)["pid"] == os.getpid()
+        if content:
+            assert path.read_bytes() == content  # not a proclock record: never written
+        else:
+            assert record(path)["pid"] == os.getpid()
 
 
 def flock_holding(path: Path, *options: str) -> subprocess.Popen:

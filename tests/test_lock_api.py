@@ -17,6 +17,7 @@ from children import hold
 from conftest import SPAWN
 from helpers import taken_elsewhere
 from proclock import (
+    Acquired,
     Holder,
     LockHeldError,
     LockTimeoutError,
@@ -74,14 +75,33 @@ class ChildHolder:
 # -- acquire / release ------------------------------------------------------------------------
 
 
-def test_acquire_returns_the_lock(lock_dir):
+def test_acquire_returns_the_hold_whose_with_gives_the_lock(lock_dir):
     lock = ProcessLock("ret")
     with lock.acquire(timeout=1) as same:
         assert same is lock
         assert lock.locked
+        assert _core.snapshot()[lock.path]["holds"] == 1  # `with lock.acquire()` holds once
     assert not lock.locked
-    assert lock.acquire() is lock
+    acquired = lock.acquire()
+    assert isinstance(acquired, Acquired)
+    assert acquired.lock is lock
+    assert acquired.held
+    assert acquired.handle.location == lock.path
+    with lock:  # a second hold: the block's end releases only its own
+        assert _core.snapshot()[lock.path]["holds"] == 2
+    assert lock.locked
     lock.release()
+    assert not lock.locked
+    assert not acquired.held
+
+
+def test_an_acquired_hold_is_released_once(lock_dir):
+    lock = ProcessLock("once")
+    acquired = lock.acquire()
+    acquired.release()
+    assert not lock.locked
+    with pytest.raises(ProcLockError, match="released already"):
+        acquired.release()
 
 
 def test_context_manager(lock_dir):
@@ -104,7 +124,7 @@ def test_acquire_raises_and_never_returns_false(lock_dir):
         with pytest.raises(LockTimeoutError):
             lock.acquire(timeout=0.01)
         assert not lock.locked
-    assert lock.acquire() is lock
+    assert lock.acquire().lock is lock
     lock.release()
 
 

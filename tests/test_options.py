@@ -17,7 +17,6 @@ from proclock import (
     LockTimeoutError,
     ProcessLock,
     Retry,
-    _lock,
     _core,
     lock_path,
     process_locked,
@@ -219,21 +218,28 @@ def test_retry_jitter_spreads_over_the_whole_range():
 def sleeps(monkeypatch):
     """Record the pauses proclock sleeps instead of sleeping them."""
     recorded = []
-    monkeypatch.setattr(_lock, "_sleep", recorded.append)
+    monkeypatch.setattr(_core, "sleep", recorded.append)
     return recorded
 
 
 @pytest.fixture
 def attempts(monkeypatch):
-    """Count the kernel-level attempts ProcessLock makes (each try or bounded wait)."""
+    """The attempts ProcessLock makes: each a LOCK_NB try, True if it then waited (bounded)."""
+    from proclock.backends.flock import FlockBackend
+
     made = []
-    real = _owners.acquire
+    real_try, real_wait = FlockBackend.try_acquire, FlockBackend.acquire
 
-    def counting(entry, op, owner, **kwargs):
-        made.append(kwargs["blocking"])
-        return real(entry, op, owner, **kwargs)
+    def trying(self, spec):
+        made.append(False)
+        return real_try(self, spec)
 
-    monkeypatch.setattr(_owners, "acquire", counting)
+    def waiting(self, spec, deadline):
+        made[-1] = True
+        return real_wait(self, spec, deadline)
+
+    monkeypatch.setattr(FlockBackend, "try_acquire", trying)
+    monkeypatch.setattr(FlockBackend, "acquire", waiting)
     return made
 
 
@@ -251,7 +257,7 @@ def test_retry_int_equals_retry_attempts(lock_dir, monkeypatch):
     schedules = []
     for retry in (3, Retry(attempts=3)):
         recorded = []
-        monkeypatch.setattr(_lock, "_sleep", recorded.append)
+        monkeypatch.setattr(_core, "sleep", recorded.append)
         monkeypatch.setattr(proclock._policy, "random", seeded(1))
         with held_by_another_description("same"), pytest.raises(LockHeldError):
             ProcessLock("same", blocking=False, retry=retry).acquire()
@@ -279,7 +285,7 @@ def test_retry_succeeds_once_the_holder_lets_go(lock_dir, monkeypatch, attempts)
             if len(recorded) == 2:
                 fcntl.flock(fd, fcntl.LOCK_UN)  # the holder releases during the 2nd pause
 
-        monkeypatch.setattr(_lock, "_sleep", sleep)
+        monkeypatch.setattr(_core, "sleep", sleep)
         lock = ProcessLock("late", blocking=False, retry=Retry(4, jitter=0))
         with lock:
             assert lock.locked

@@ -17,6 +17,7 @@ import children
 from children import blocked_in_kernel, fd_targets, kernel_flocks, wait_until
 from conftest import FORK, SPAWN, TESTS
 from proclock import LockHeldError, LockTimeoutError, ProcessLock, _core, lock_path
+from proclock.backends import flock as flock_backend
 
 FLOCK = "/usr/bin/flock"
 # Python 3.12+ warns when a multi-threaded process forks (idle proclock helpers, xdist threads).
@@ -128,7 +129,8 @@ def test_sigkilled_holder_frees_the_lock_at_once(lock_dir, start):
 
 @pytest.mark.filterwarnings(FORK_WARNING)
 def test_forked_child_owns_nothing_and_cannot_unlock_the_parent(lock_dir, start):
-    lock = ProcessLock("forked").acquire()
+    lock = ProcessLock("forked")
+    lock.acquire()
     path = os.path.realpath(lock.path)
     assert path in fd_targets()  # the kept descriptor: what the child must not keep
     seen, report = FORK.Pipe(duplex=False)
@@ -310,9 +312,9 @@ def test_timed_out_wait_is_accurate_and_holds_nothing(lock_dir, start, fd_count,
     assert isinstance(timed_out.value, TimeoutError)
     assert timed_out.value.holder.pid == holder.pid
     assert not lock.locked
-    assert fd_count() == fds
-    state = _core.snapshot()[lock.path]
-    assert (state["op"], state["owners"], state["waiters"]) == (0, 0, 0)
+    # The abandoned parked wait stays in flock(2) on a description of its own (one more).
+    assert fd_count() <= fds + 1
+    assert lock.path not in _core.snapshot()
     assert own_kernel_holds(lock.path) == []
     release.set()
     finish(holder)
@@ -328,7 +330,8 @@ def test_timed_out_wait_is_accurate_and_holds_nothing(lock_dir, start, fd_count,
 @pytest.mark.parametrize("timeout", ["none", "30"])
 def test_ctrl_c_while_waiting_leaves_nothing_behind(lock_dir, timeout):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
-    lock = ProcessLock("ctrl-c").acquire()
+    lock = ProcessLock("ctrl-c")
+    lock.acquire()
     script = subprocess.Popen(
         [sys.executable, "-c", "import children; children.sigint_waiter()", "ctrl-c", timeout],
         stdin=subprocess.PIPE,
@@ -430,17 +433,21 @@ def test_failed_attempts_and_timeouts_leak_nothing(lock_dir, start, fd_count):
         with pytest.raises(LockTimeoutError):
             lock.acquire()
         if i % 100 == 0:
-            assert fd_count() == fds
-            assert threading.active_count() <= threads + 1  # one helper, reused
-    assert fd_count() == fds
-    assert fd_targets().count(path) == 1
+            # The first timed-out wait leaves its parked wait in flock(2) (a thread and a
+            # descriptor of its own); every later one adopts it instead of starting another.
+            assert fd_count() <= fds + 1
+            assert threading.active_count() <= threads + 1
+            assert flock_backend.parked_waits() == 1
+    assert fd_count() <= fds + 1
+    assert fd_targets().count(path) <= 2
     assert threading.active_count() <= threads + 1
     assert held_here() == {}
     release.set()
     finish(holder)
     with ProcessLock("leak", timeout=10):
         pass
-    assert fd_count() == fds
+    assert fd_count() <= fds + 1  # the parked wait's description, idle in the pool now
+    assert children.wait_until(lambda: flock_backend.parked_waits() == 0)
 
 
 # -- 12. threads exclude each other as processes do ------------------------------------------
@@ -555,8 +562,12 @@ def test_stale_metadata_is_tolerated(lock_dir, content):
         me = lock.holder()
         assert me is not None
         assert (me.pid, me.argv) == (os.getpid(), tuple(sys.orig_argv))
-        assert me.acquired_at is not None  # from the record we just wrote
-        assert json.loads(lock_path("stale").read_bytes())["pid"] == os.getpid()
+        if content is None or content == b"" or content.startswith(b'{"v":'):
+            assert me.acquired_at is not None  # from the record we just wrote
+            assert json.loads(lock_path("stale").read_bytes())["pid"] == os.getpid()
+        else:  # not a proclock record: never written (the kernel names the holder)
+            assert me.acquired_at is None
+            assert lock_path("stale").read_bytes() == content
     assert lock.holder() is None
 
 

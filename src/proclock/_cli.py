@@ -646,7 +646,7 @@ def _path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _gc(args: argparse.Namespace) -> int:
+def _collect(args: argparse.Namespace) -> int:
     try:
         directory, kind = _dirs.resolve(args.dir)
         _dirs.vet(directory, kind)
@@ -705,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args, sub)
         if args.subcommand == "path":
             return _path(args, sub)
-        return _gc(args)
+        return _collect(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `proclock status | head`

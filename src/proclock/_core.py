@@ -40,6 +40,7 @@ import time
 
 from ._errors import LockHeldError, LockLostError, LockTimeoutError, ProcLockError
 from ._logging import log as _log
+from .backends._base import LOCAL, LOSS
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -71,48 +72,51 @@ STATE_NAMES = ("PENDING", "HELD", "RELEASING", "RELEASED", "GONE")
 class Hold:
     """One owner's hold of one lock in this process."""
 
-    __slots__ = (
-        "backend",
-        "count",
-        "gen",
-        "handle",
-        "key",
-        "label",
-        "on_lost",
-        "owner",
-        "shared",
-        "since",
-        "state",
-        "transfer",
-    )
+    __slots__ = ("backend", "count", "gen", "handle", "key", "on_lost", "since", "spec", "state")
 
-    def __init__(
-        self,
-        spec: LockSpec,
-        backend: Backend,
-        key: tuple[str, object],
-        on_lost: OnLost | None,
-    ) -> None:
-        self.backend, self.key, self.owner = backend, key, key[1]
-        self.label, self.shared = spec.label, spec.shared
+    # Made at every acquisition: plain stores only. `transfer` is a state of its own (below).
+    def __init__(self, spec: LockSpec, backend: Backend, key: tuple[str, object]) -> None:
+        self.spec, self.backend, self.key = spec, backend, key
         self.state = PENDING
         self.count = 1
         self.gen = generation
         self.handle: Handle | None = None
-        self.on_lost: list[OnLost] = [] if on_lost is None else [on_lost]
-        self.since = 0.0
-        self.transfer = False
+        self.on_lost: list[OnLost] | None = None
+        self.since = 0.0  # monotonic time of the acquisition, when debug logging is on
+
+    @property
+    def owner(self) -> object:
+        return self.key[1]
 
     @property
     def location(self) -> str:
         return self.key[0]
 
+    @property
+    def label(self) -> str:
+        return self.spec.label
+
+    @property
+    def shared(self) -> bool:
+        return self.spec.shared
+
+    def watch(self, on_lost: OnLost | None) -> None:
+        """Add an on_lost callback (a re-entry through another ProcessLock may bring one)."""
+        if on_lost is None:
+            return
+        if self.on_lost is None:
+            self.on_lost = [on_lost]
+        elif on_lost not in self.on_lost:
+            self.on_lost.append(on_lost)
+
     def __repr__(self) -> str:
         return f"<Hold {self.label!r} {STATE_NAMES[self.state]} x{self.count} by {self.owner!r}>"
 
 
+_transfers: set[Hold] = set()  # holds to hand to the child of the next fork()
 _guard = threading.RLock()
 _holds: dict[tuple[str, object], Hold] = {}
+_debug = _log.debug_enabled
 
 
 def current_owner() -> object:
@@ -128,8 +132,19 @@ def current_owner() -> object:
 # -- taking -----------------------------------------------------------------------------------
 
 
-def take(spec: LockSpec, backend: Backend, owner: object, on_lost: OnLost | None) -> Hold:
+def take(
+    spec: LockSpec,
+    backend: Backend,
+    owner: object,
+    on_lost: OnLost | None,
+    *,
+    describe: bool = True,
+) -> Hold:
     """Take the lock for `owner`, waiting and retrying as `spec` says; the hold, or raise.
+
+    With `describe=False` (a decorator that skips busy calls), a LockHeldError looks up who
+    holds the lock only if its `holder` is read; else it is looked up at once, while the
+    contention is fresh.
 
     Raises:
         LockHeldError: busy, with blocking=False, timeout=0, or the retries spent.
@@ -143,13 +158,18 @@ def take(spec: LockSpec, backend: Backend, owner: object, on_lost: OnLost | None
     hold = _holds.get(key)
     if hold is not None and _reenter(hold, spec, on_lost):
         return hold
-    hold = Hold(spec, backend, key, on_lost)
+    hold = Hold(spec, backend, key)
     _holds[key] = hold  # PENDING: a nested take by this owner now knows it is in flight
     handle = None
     try:
-        if spec.blocking and spec.timeout is None and not _log.isEnabledFor(_DEBUG):
+        if on_lost is not None:
+            hold.on_lost = [on_lost]
+        debug = _debug()
+        if spec.blocking and spec.timeout is None and not debug:
             # An unbounded wait: straight to the backend's blocking wait (one syscall when free).
-            _refuse_self_deadlock(location, owner, sync=True)
+            asyncio = sys.modules.get("asyncio")
+            if asyncio is not None and asyncio.events._get_running_loop() is not None:  # noqa: SLF001
+                _refuse_self_deadlock(location, owner, sync=True)
             handle = backend.acquire(spec, None)
             if handle is None:  # pragma: no cover - a backend breaking its contract
                 msg = f"{backend!r} gave up an unbounded wait for {spec.label!r}"
@@ -158,15 +178,22 @@ def take(spec: LockSpec, backend: Backend, owner: object, on_lost: OnLost | None
             handle = backend.try_acquire(spec)
             if handle is None:
                 handle = _contended(spec, backend, location, owner, hold)
-        _held(hold, handle)
-    except BaseException:
+        _held(hold, handle, debug=debug)
+    except BaseException as exc:
         _drop(hold, handle)
+        if describe and isinstance(exc, LockHeldError):
+            _ = exc.holder  # who held it at the moment we gave up
         raise
     return hold
 
 
 async def take_async(
-    spec: LockSpec, backend: Backend, owner: object, on_lost: OnLost | None
+    spec: LockSpec,
+    backend: Backend,
+    owner: object,
+    on_lost: OnLost | None,
+    *,
+    describe: bool = True,
 ) -> Hold:
     """`take` for coroutines: waits without blocking the event loop; cancellable at any await."""
     location = backend.location(spec)
@@ -174,16 +201,20 @@ async def take_async(
     hold = _holds.get(key)
     if hold is not None and _reenter(hold, spec, on_lost):
         return hold
-    hold = Hold(spec, backend, key, on_lost)
+    hold = Hold(spec, backend, key)
     _holds[key] = hold
     handle = None
     try:
-        handle = backend.try_acquire(spec)
+        if on_lost is not None:
+            hold.on_lost = [on_lost]
+        handle = await _try_async(spec, backend)
         if handle is None:
             handle = await _contended_async(spec, backend, location, owner, hold)
-        _held(hold, handle)
-    except BaseException:
+        _held(hold, handle, debug=_debug())
+    except BaseException as exc:
         _drop(hold, handle)
+        if describe and isinstance(exc, LockHeldError):
+            _ = exc.holder  # who held it at the moment we gave up
         raise
     return hold
 
@@ -224,22 +255,25 @@ def _reenter(hold: Hold, spec: LockSpec, on_lost: OnLost | None) -> bool:
         if hold.state != HELD:
             return False  # released by another thread just now (a generator's finalizer)
         hold.count += 1
-    if on_lost is not None and on_lost not in hold.on_lost:
-        hold.on_lost.append(on_lost)
+    hold.watch(on_lost)
     return True
 
 
-def _held(hold: Hold, handle: Handle) -> None:
+def _held(hold: Hold, handle: Handle, *, debug: bool) -> None:
     """The backend granted `handle` to `hold`: link them, then count it held."""
-    object.__setattr__(handle, "_core", hold)
+    lost_already = False
+    if LOSS in hold.backend.capabilities:
+        with _guard:  # with report_lost: a loss reported now is announced exactly once
+            handle._core = hold  # noqa: SLF001
+            lost_already = handle._lost is not None  # noqa: SLF001
     hold.handle = handle
     hold.state = HELD
-    if _log.isEnabledFor(_DEBUG):
+    if debug:
         now = _clock()
         waited = f"after {now - hold.since:.6f}s" if hold.since else "at once"
         hold.since = now
-        _log.debug("acquired %r (%s) %s", hold.label, hold.location, waited)
-    if handle._lost is not None:  # noqa: SLF001  (lost before we could link it)
+        _log.debug("acquired %r (%s) %s", hold.spec.label, hold.key[0], waited)
+    if lost_already:  # lost before we could link it: report_lost could not announce it
         _announce(hold, handle)
 
 
@@ -266,9 +300,10 @@ def _refuse_self_deadlock(location: str, owner: object, *, sync: bool) -> None:
             continue
         if other == me:
             blocker = "the thread running this event loop, outside it"
-        elif sync and loop is not None and not isinstance(other, int):
-            if other.get_loop() is loop:  # type: ignore[attr-defined]
-                blocker = "another task of this event loop (await the lock instead)"
+        elif (
+            sync and loop is not None and not isinstance(other, int) and other.get_loop() is loop  # type: ignore[attr-defined]
+        ):
+            blocker = "another task of this event loop (await the lock instead)"
     if blocker is not None:
         msg = (
             f"the lock at {location} is held by {blocker}: waiting here would never end; "
@@ -280,12 +315,10 @@ def _refuse_self_deadlock(location: str, owner: object, *, sync: bool) -> None:
 def _busy(
     spec: LockSpec, backend: Backend, location: str, start: float, attempts: int, *, timed: bool
 ) -> LockHeldError:
-    try:
-        holder = backend.holder(spec)
-    except Exception:  # noqa: BLE001  (who holds it is a courtesy; the contention is the news)
-        holder = None
     cls = LockTimeoutError if timed else LockHeldError
-    return cls(location, spec.label, holder, _clock() - start, attempts)
+    return cls(
+        location, spec.label, None, _clock() - start, attempts, lookup=lambda: backend.holder(spec)
+    )
 
 
 def _contended(
@@ -296,7 +329,7 @@ def _contended(
     wait = spec.blocking and spec.timeout != 0
     if wait:
         _refuse_self_deadlock(location, owner, sync=True)
-    debug = _log.isEnabledFor(_DEBUG)
+    debug = _debug()
     if debug:
         hold.since = start
         if wait:
@@ -333,7 +366,7 @@ async def _contended_async(
     wait = spec.blocking and spec.timeout != 0
     if wait:
         _refuse_self_deadlock(location, owner, sync=False)
-    debug = _log.isEnabledFor(_DEBUG)
+    debug = _debug()
     if debug:
         hold.since = start
         if wait:
@@ -358,9 +391,18 @@ async def _contended_async(
         await _async_sleep(pause)
         attempts += 1
         attempt_start = _clock()
-        handle = backend.try_acquire(spec)
+        handle = await _try_async(spec, backend)
         if handle is not None:
             return handle
+
+
+async def _try_async(spec: LockSpec, backend: Backend) -> Handle | None:
+    """One attempt that does not wait, without blocking the event loop on a network."""
+    if LOCAL in backend.capabilities:
+        return backend.try_acquire(spec)
+    # A past deadline: the backend's async wait makes its one attempt in its own way (a
+    # worker thread, an async client) and gives up at once.
+    return await backend.acquire_async(spec, _clock())
 
 
 async def _async_sleep(seconds: float) -> None:
@@ -412,16 +454,19 @@ def _finish_release(hold: Hold) -> None:
     assert handle is not None  # noqa: S101
     hold.backend.release(handle)
     with _guard:
-        if hold.state == RELEASING:
-            hold.state = RELEASED
-            if _holds.get(hold.key) is hold:
-                del _holds[hold.key]
-            since = hold.since
-        else:
-            since = 0.0
-    if since and _log.isEnabledFor(_DEBUG):
+        if hold.state != RELEASING:
+            return
+        hold.state = RELEASED
+        if _holds.get(hold.key) is hold:
+            del _holds[hold.key]
+    if _transfers:
+        _transfers.discard(hold)
+    if hold.since and _debug():
         _log.debug(
-            "released %r (%s) after holding %.6fs", hold.label, hold.location, _clock() - since
+            "released %r (%s) after holding %.6fs",
+            hold.spec.label,
+            hold.key[0],
+            _clock() - hold.since,
         )
 
 
@@ -436,7 +481,7 @@ def report_lost(handle: Handle, reason: str) -> None:
     with _guard:
         if handle._lost is not None:  # noqa: SLF001
             return
-        object.__setattr__(handle, "_lost", reason)
+        handle._lost = reason  # noqa: SLF001
         hold = handle._core  # noqa: SLF001
     if hold is not None:
         _announce(hold, handle)
@@ -449,7 +494,7 @@ def _lost_error(hold: Hold, handle: Handle) -> LockLostError:
 def _announce(hold: Hold, handle: Handle) -> None:
     error = _lost_error(hold, handle)
     _log.error("%s", error)
-    for callback in list(hold.on_lost):
+    for callback in list(hold.on_lost or ()):
         try:
             callback(error)
         except Exception:  # noqa: BLE001  (a failing callback must not kill the watcher)
@@ -470,7 +515,7 @@ def transfer_on_fork(hold: Hold) -> None:
             "locks (a descriptor the child inherits) can be handed over"
         )
         raise ProcLockError(msg)
-    hold.transfer = True
+    _transfers.add(hold)
 
 
 _handshake: tuple[int, int] | None = None  # (read, write): the child says it exists
@@ -488,7 +533,7 @@ def _before_fork() -> None:
         for lock in flock.FlockBackend.fork_locks():
             lock.acquire()
     _handshake = None
-    if any(h.transfer and h.state == HELD for h in _holds.values()):
+    if any(h.state == HELD and h.gen == generation for h in _transfers):
         try:
             _handshake = os.pipe()
         except OSError:  # no descriptors left: the transfer cannot be confirmed, so it waits
@@ -504,7 +549,7 @@ def _release_fork_locks() -> None:
 
 
 def _after_fork_in_parent() -> None:
-    global _handshake  # noqa: PLW0603
+    global _handshake
     try:
         pipe, _handshake = _handshake, None
         if pipe is None:
@@ -520,11 +565,12 @@ def _after_fork_in_parent() -> None:
         if not born:
             return
         flock = _flock_backend()
-        for key, hold in list(_holds.items()):
-            if hold.transfer and hold.state == HELD:
+        for hold in list(_transfers):
+            _transfers.discard(hold)
+            if hold.state == HELD and hold.gen == generation:
                 hold.state = GONE
-                hold.transfer = False
-                del _holds[key]
+                if _holds.get(hold.key) is hold:
+                    del _holds[hold.key]
                 if flock is not None and hold.handle is not None:
                     flock.FlockBackend.handed_over(hold.handle)
     finally:
@@ -537,12 +583,12 @@ def _after_fork_in_child() -> None:
     _guard = threading.RLock()  # the parent's may have been held by a thread that is gone
     parent = os.getppid()
     me = threading.get_ident()
-    kept = [h for h in _holds.values() if h.transfer and h.state == HELD]
+    kept = [h for h in _transfers if h.state == HELD and h.gen == generation - 1]
+    _transfers.clear()
     _holds.clear()
     for hold in kept:
-        hold.gen, hold.transfer = generation, False
-        hold.owner = me
-        hold.key = (hold.key[0], me)
+        hold.gen = generation
+        hold.key = (hold.key[0], me)  # the forking thread owns it here
         _holds[hold.key] = hold
     flock = _flock_backend()
     if flock is not None:
@@ -579,7 +625,7 @@ def holds() -> list[Hold]:
 
 
 def snapshot() -> dict[str, dict[str, int]]:
-    """location -> {"owners": owners holding it, "holds": with re-entries, "waiters": attempts}.
+    """Location -> {"owners": owners holding it, "holds": with re-entries, "waiters": attempts}.
 
     For tests and the CLI: what this process holds and is acquiring (waiting for) now.
     """

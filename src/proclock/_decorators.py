@@ -90,6 +90,11 @@ class _Namer:
                     f"{self._func_name}{self._signature}; use one of: {', '.join(params)}",
                 )
 
+    @property
+    def fixed(self) -> ProcessLock | None:
+        """The one lock of every call, when the name does not depend on the call."""
+        return self._base if self._kind == "fixed" else None
+
     @staticmethod
     def _fields_of(template: str) -> list[str]:
         import string  # noqa: PLC0415
@@ -194,7 +199,7 @@ def _wrapper_class() -> Any:
     if _WRAPPER is None:
         import wrapt  # noqa: PLC0415  (lazy: ~40 ms for wrapt 2.x, paid only by decorator users)
 
-        class LockedFunction(wrapt.FunctionWrapper):  # type: ignore[misc]
+        class LockedFunction(wrapt.FunctionWrapper):  # type: ignore[type-arg]
             def __reduce_ex__(self, protocol: object) -> str:
                 return str(self.__qualname__)
 
@@ -210,6 +215,7 @@ def _decorate(func: Any, spec: _Spec) -> Any:
     flags = _code_flags(func)
     namer, name = spec.namer, spec.name
     current_owner, take, give = _core.current_owner, _core.take, _core.give
+    describe = spec.on_contention != "skip"  # a skipped call never reads who held the lock
 
     if flags & _CO_ASYNC_GENERATOR:
 
@@ -235,6 +241,7 @@ def _decorate(func: Any, spec: _Spec) -> Any:
                         lock._backend,  # noqa: SLF001
                         current_owner(),
                         lock._on_lost,  # noqa: SLF001
+                        describe=describe,
                     )
                 except LockHeldError as error:
                     return spec.contended(error)
@@ -245,12 +252,33 @@ def _decorate(func: Any, spec: _Spec) -> Any:
 
             return call()
 
+    elif namer.fixed is not None:
+        # One lock for every call: its spec, backend and on_lost are read once, here. The
+        # call itself goes through the core exactly as every other kind does.
+        spec_, backend, on_lost = namer.fixed._spec, namer.fixed._backend, namer.fixed._on_lost  # noqa: SLF001
+
+        def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:  # noqa: ARG001
+            try:
+                hold = take(spec_, backend, current_owner(), on_lost, describe=describe)
+            except LockHeldError as error:
+                return spec.contended(error)
+            try:
+                return wrapped(*args, **kwargs)
+            finally:
+                give(hold)
+
     else:
 
         def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:  # noqa: ARG001
             lock = namer.lock_for(name, wrapped, args, kwargs)
             try:
-                hold = take(lock._spec, lock._backend, current_owner(), lock._on_lost)  # noqa: SLF001
+                hold = take(
+                    lock._spec,  # noqa: SLF001
+                    lock._backend,  # noqa: SLF001
+                    current_owner(),
+                    lock._on_lost,  # noqa: SLF001
+                    describe=describe,
+                )
             except LockHeldError as error:
                 return spec.contended(error)
             try:

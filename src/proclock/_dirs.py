@@ -19,14 +19,14 @@ NAMED = "named"  # given by the user: may be shared on purpose, but never a trap
 
 # os.environ's own dict (bytes keys on POSIX), read directly at each acquisition: 0.1 us
 # instead of 0.5 us through the Mapping API. os.environ updates it on every assignment.
-_ENV_DATA = getattr(os.environ, "_data", None)
-if not isinstance(_ENV_DATA, dict) or os.name != "posix":  # pragma: no cover
-    _ENV_DATA = None
+ENV_DATA = getattr(os.environ, "_data", None)
+if not isinstance(ENV_DATA, dict) or os.name != "posix":  # pragma: no cover
+    ENV_DATA = None
 
 
 def environment_key() -> tuple[object, object]:
     """What the default directory depends on, read now: compared, never parsed."""
-    data = _ENV_DATA
+    data = ENV_DATA
     if data is not None:
         return data.get(b"PROCLOCK_DIR"), data.get(b"XDG_RUNTIME_DIR")
     environ = os.environ

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # typing costs ~3 ms of import time; mypy reads this as typing's
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from ._holder import Holder
@@ -24,8 +25,9 @@ class LockHeldError(ProcLockError):
 
     Attributes:
         path: where the lock lives (a file path; a server and key for network backends).
-        name: the lock's name (None for a lock made with path=).
-        holder: who held it when proclock gave up, where that could be found out.
+        name: the lock's name (its file for a lock made with path=).
+        holder: who held it when proclock gave up, where that can be found out (looked up
+            when first read, so that a caller that skips busy calls pays nothing for it).
         waited: seconds spent waiting, over all attempts.
         attempts: how many attempts were made (more than one with retry=).
     """
@@ -37,10 +39,26 @@ class LockHeldError(ProcLockError):
         holder: Holder | None = None,
         waited: float = 0.0,
         attempts: int = 1,
+        *,
+        lookup: Callable[[], Holder | None] | None = None,
     ) -> None:
-        self.path, self.name, self.holder, self.waited = path, name, holder, waited
+        self.path, self.name, self._holder, self.waited = path, name, holder, waited
         self.attempts = attempts
-        super().__init__(self._message())
+        self._lookup = lookup
+        # One positional argument: TimeoutError (a subclass's base) is an OSError, which reads
+        # two as (errno, strerror). The message is built when first shown (__str__).
+        super().__init__(path)
+
+    @property
+    def holder(self) -> Holder | None:
+        lookup = self._lookup
+        if lookup is not None:
+            self._lookup = None
+            try:
+                self._holder = lookup()
+            except Exception:  # noqa: BLE001  (who holds it is a courtesy; contention is the news)
+                self._holder = None
+        return self._holder
 
     def _label(self) -> str:
         return repr(self.name) if self.name is not None else "lock"
@@ -61,8 +79,6 @@ class LockHeldError(ProcLockError):
 class LockTimeoutError(LockHeldError, TimeoutError):
     """A positive timeout expired before the lock could be taken."""
 
-    # TimeoutError is an OSError, which reads two positional arguments as (errno, strerror):
-    # the message is passed as the only one, and __str__ is ours.
     def _message(self) -> str:
         tries = f", {self.attempts} attempts" if self.attempts > 1 else ""
         return (

@@ -61,10 +61,10 @@ class Holder(Frozen):
         return " ".join(self.argv) if self.argv else None
 
     def short_command(self, width: int = _COMMAND_WIDTH) -> str:
-        """The command as ps shows it, on one line: `backup.sh --full`, cut to `width`.
+        """The command line on one line, the program by its base name, cut to `width`.
 
-        The program is its base name; control characters are escaped; for a holder that is
-        itself `proclock run NAME -- COMMAND`, COMMAND is what it runs.
+        `python backup.py --full`; control characters (a newline in an argument, an escape
+        sequence) are shown escaped, so that a message stays one line.
         """
         return short_command(self.argv, width)
 
@@ -282,14 +282,6 @@ def short_command(argv: tuple[str, ...] | list[str] | None, width: int = _COMMAN
     if not argv:
         return "unknown command"
     words = list(argv)
-    if "--" in words:
-        i = words.index("--")
-        head = words[:i]
-        runs_proclock = any(os.path.basename(w) == "proclock" for w in head) or (
-            "proclock" in head and "-m" in head
-        )
-        if "run" in head and runs_proclock and words[i + 1 :]:
-            words = words[i + 1 :]
     words[0] = os.path.basename(words[0]) or words[0]
     text = _escape(" ".join(words))
     if len(text) > width:
@@ -328,14 +320,12 @@ def _fd_locks(pid: int, key: str) -> bool | None:
 
 def _live_holders(key: str) -> list[int]:
     """Every process with a descriptor on the locked description(s) of inode `key`."""
-    found = []
+    found: list[int] = []
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
         return found
-    for pid in sorted(pids):
-        if _fd_locks(pid, key):
-            found.append(pid)
+    found.extend(pid for pid in sorted(pids) if _fd_locks(pid, key))
     return found
 
 

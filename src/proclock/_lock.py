@@ -63,7 +63,7 @@ class Acquired:
 
     @property
     def fencing_token(self) -> int | None:
-        """This hold's fencing token (see `ProcessLock.fencing_token`)."""
+        """The fencing token of this hold (see `ProcessLock.fencing_token`)."""
         handle = self._hold.handle
         return handle.fencing_token if handle is not None else None
 
@@ -118,7 +118,7 @@ class ProcessLock:
         TypeError, ValueError: an option that cannot be used, named in the message.
     """
 
-    __slots__ = ("__weakref__", "_backend", "_entries", "_on_lost", "_spec")
+    __slots__ = ("__weakref__", "_backend", "_entries", "_on_lost", "_spec", "_stale")
 
     def __init__(
         self,
@@ -164,6 +164,7 @@ class ProcessLock:
             raise TypeError(msg)
         self._spec, self._backend, self._on_lost = spec, chosen, on_lost
         self._entries: list[Acquired] = []  # holds taken through this object, oldest first
+        self._stale = 0  # holds of a parent process (or handed to a child): releases are no-ops
 
     @classmethod
     def _from_spec(
@@ -172,6 +173,7 @@ class ProcessLock:
         lock = object.__new__(cls)
         lock._spec, lock._backend, lock._on_lost = spec, backend, on_lost
         lock._entries = []
+        lock._stale = 0
         return lock
 
     # -- what and where --------------------------------------------------------------------
@@ -215,7 +217,11 @@ class ProcessLock:
     def _live(self) -> list[Acquired]:
         entries = self._entries
         if entries and not all(e.held for e in entries):
-            self._entries = entries = [e for e in entries if e.held]
+            live = [e for e in entries if e.held]
+            # Holds that ended without a release through this object: taken by the parent of
+            # this forked process, or handed to a child. Their release() does nothing.
+            self._stale += sum(1 for e in entries if e._hold.state != _core.RELEASED)  # noqa: SLF001
+            self._entries = entries = live
         return entries
 
     @property
@@ -285,9 +291,18 @@ class ProcessLock:
             OSError: the lock file cannot be opened or locked (EACCES, EROFS, ENOLCK...), or
                 the lock server is unavailable (BackendUnavailableError).
         """
-        spec = self._spec_for(blocking, timeout)
+        if blocking is UNSET and timeout is UNSET:
+            spec = self._spec
+        else:
+            spec = self._spec_for(blocking, timeout)
         hold = _core.take(spec, self._backend, _core.current_owner(), self._on_lost)
-        return self._record(hold)
+        try:
+            entry = Acquired(self, hold)
+            self._entries.append(entry)
+        except BaseException:
+            _core.give(hold)  # interrupted (Ctrl-C) before it was recorded: nothing is kept
+            raise
+        return entry
 
     async def acquire_async(
         self, blocking: bool = UNSET, timeout: float | None = UNSET
@@ -318,10 +333,27 @@ class ProcessLock:
             LockLostError: the hold was lost while held (network backends).
         """
         entries = self._entries
+        if entries:  # the common case: the innermost hold, by its owner
+            entry = entries[-1]
+            hold = entry._hold  # noqa: SLF001
+            if (
+                hold.state == _core.HELD
+                and hold.gen == _core.generation
+                and hold.key[1] == _core.current_owner()
+            ):
+                try:
+                    _core.give(hold)
+                finally:
+                    if entries and entries[-1] is entry:
+                        entries.pop()
+                    elif entry in entries:
+                        entries.remove(entry)
+                return
         live = self._live()
         if not live:
-            if entries:
-                return  # holds of the parent of this forked process, or handed to a child
+            if self._stale:
+                self._stale -= 1  # a hold of the parent of this forked process, or handed over
+                return
             msg = f"release of {self.name!r}, which this ProcessLock does not hold"
             raise ProcLockError(msg)
         owner = _core.current_owner()
@@ -438,7 +470,7 @@ def lock_path(name: str, *, lock_dir: StrPath | None = None) -> pathlib.Path:
         mode=0o600,
         reentrant=True,
     )
-    path, directory, kind = FLOCK.locate(spec)
+    _, directory, kind = FLOCK.locate(spec)
     if directory is not None:
         _dirs.vet(directory, kind)
     return pathlib.Path(directory or "", _names.file_name(name))

@@ -32,6 +32,22 @@ class _Log:
             logger = self._logger = logging.getLogger("proclock")
         return logger.isEnabledFor(level)  # type: ignore[no-any-return]
 
+    def debug_enabled(self) -> bool:
+        """isEnabledFor(DEBUG), answered without a call into logging when nothing changed.
+
+        Asked at every acquisition: logging's own check walks the logger's cache through two
+        method calls. The answer is kept for the logging module's configuration generation.
+        """
+        logger = self._logger
+        if logger is None:
+            return self.isEnabledFor(DEBUG)
+        # logging keeps each level's answer in Logger._cache and clears it whenever the
+        # configuration changes (setLevel, disable, dictConfig): read it, else ask.
+        cached = logger._cache.get(DEBUG)  # noqa: SLF001
+        if cached is None or logger.disabled:
+            return bool(logger.isEnabledFor(DEBUG))
+        return bool(cached)
+
     def debug(self, msg: str, *args: object) -> None:
         if self.isEnabledFor(DEBUG):
             self._logger.debug(msg, *args)

@@ -103,7 +103,7 @@ def is_lock_file_name(base: str) -> bool:
     if not base.endswith(".lock") or len(base) < _DIGEST_HEX + 7:  # "x-" + digest + ".lock"
         return False
     stem = base[:-5]
-    prefix, dash, digest = stem[:-_DIGEST_HEX - 1], stem[-_DIGEST_HEX - 1], stem[-_DIGEST_HEX:]
+    prefix, dash, digest = stem[: -_DIGEST_HEX - 1], stem[-_DIGEST_HEX - 1], stem[-_DIGEST_HEX:]
     return (
         dash == "-"
         and 0 < len(prefix) <= _PREFIX_MAX

@@ -140,7 +140,7 @@ def check_mode(mode: object) -> int:
     """
     if isinstance(mode, bool) or not isinstance(mode, int):
         msg = f"mode must be file permission bits such as 0o600, not {mode!r}"
-        raise ValueError(msg)
+        raise ValueError(msg)  # noqa: TRY004  (one error for every unusable mode, as before)
     if 0 <= mode <= _PERMISSIONS and mode & _OWNER_RW == _OWNER_RW:
         return mode
     hint = ""

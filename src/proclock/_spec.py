@@ -44,6 +44,7 @@ class LockSpec(Frozen):
     retry: Retry
     reentrant: bool
     mode: int
+    _where: Any  # the flock backend's memo: (environment key, located file)
 
     @property
     def label(self) -> str:

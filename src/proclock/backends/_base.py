@@ -16,29 +16,19 @@ FENCING = "fencing"  # handles carry a fencing token, strictly increasing per lo
 FD = "fd"  # handles carry a descriptor a child process can inherit (proclock run)
 LOSS = "loss"  # a hold can be lost while its holder lives; it reports that (see `lost`)
 FREED_ON_EXIT = "freed-on-exit"  # a holder that dies frees the lock at once (no lease to run out)
-ALL = frozenset((SHARED, FENCING, FD, LOSS, FREED_ON_EXIT))
+LOCAL = "local"  # try_acquire and release never wait on a network: safe on an event loop
+ALL = frozenset((SHARED, FENCING, FD, LOSS, FREED_ON_EXIT, LOCAL))
 
 
 class Handle:
     """Proof of one acquisition by a backend: where, the fencing token, the descriptor.
 
-    Immutable to everyone but its backend (`private`, the backend's own state of the hold)
+    Read-only to everyone but its backend (`private`, the backend's own state of the hold)
     and the core (which links it to the hold it belongs to). Compared by identity: two
     acquisitions are two handles.
-
-    Attributes:
-        location: where the lock lives, as `ProcessLock.path` shows it.
-        fencing_token: strictly increasing per lock name, or None (see `ProcessLock`).
-        fd: the locked file's descriptor (flock), or None.
-        shared: whether this is a reader hold.
     """
 
-    __slots__ = ("_core", "_lost", "fd", "fencing_token", "location", "private", "shared")
-    location: str
-    fencing_token: int | None
-    fd: int | None
-    shared: bool
-    private: Any
+    __slots__ = ("_core", "_fd", "_fencing_token", "_location", "_lost", "_shared", "private")
 
     def __init__(
         self,
@@ -49,20 +39,37 @@ class Handle:
         shared: bool = False,
         private: Any = None,
     ) -> None:
-        setter = object.__setattr__
-        setter(self, "location", location)
-        setter(self, "fencing_token", fencing_token)
-        setter(self, "fd", fd)
-        setter(self, "shared", shared)
-        setter(self, "private", private)
-        setter(self, "_core", None)  # the core's Hold, for backends that can lose a hold
-        setter(self, "_lost", None)  # the reason, once a backend reported the hold lost
+        # Plain slots behind read-only properties: made at every acquisition, so it must be
+        # cheap (no per-field object.__setattr__).
+        self._location = location
+        self._fencing_token = fencing_token
+        self._fd = fd
+        self._shared = shared
+        self.private = private  # the backend's state of this hold
+        self._core: Any = None  # the core's Hold
+        self._lost: str | None = None  # why it was lost, once a backend reported it
 
-    def __setattr__(self, field: str, value: object) -> None:
-        msg = f"Handle is immutable: cannot assign to {field!r}"
-        raise AttributeError(msg)
+    @property
+    def location(self) -> str:
+        """Where the lock lives, as `ProcessLock.path` shows it."""
+        return self._location
+
+    @property
+    def fencing_token(self) -> int | None:
+        """Strictly increasing per lock name (network backends), or None."""
+        return self._fencing_token
+
+    @property
+    def fd(self) -> int | None:
+        """The locked file's descriptor (flock), or None."""
+        return self._fd
+
+    @property
+    def shared(self) -> bool:
+        """Whether this is a reader hold."""
+        return self._shared
 
     def __repr__(self) -> str:
-        token = "" if self.fencing_token is None else f" fencing_token={self.fencing_token}"
-        fd = "" if self.fd is None else f" fd={self.fd}"
-        return f"<Handle {self.location!r}{' shared' if self.shared else ''}{token}{fd}>"
+        token = "" if self._fencing_token is None else f" fencing_token={self._fencing_token}"
+        fd = "" if self._fd is None else f" fd={self._fd}"
+        return f"<Handle {self._location!r}{' shared' if self._shared else ''}{token}{fd}>"

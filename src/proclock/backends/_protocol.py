@@ -31,8 +31,8 @@ class Backend(Protocol):
     """
 
     #: What it can do, from `proclock.backends._base`: "shared", "fencing", "fd", "loss",
-    #: "freed-on-exit". The core refuses shared=True without "shared"; the contract test suite
-    #: skips, by name, what a backend does not declare.
+    #: "freed-on-exit", "local". The core refuses shared=True without "shared"; the contract
+    #: test suite skips, by name, what a backend does not declare.
     capabilities: frozenset[str]
 
     def location(self, spec: LockSpec) -> str:
@@ -52,11 +52,18 @@ class Backend(Protocol):
         ...
 
     def acquire(self, spec: LockSpec, deadline: float | None) -> Handle | None:
-        """Wait until `deadline` (time.monotonic(); None: forever): a handle, or None."""
+        """Wait until `deadline` (time.monotonic(); None: forever): a handle, or None.
+
+        It makes at least one attempt, even if the deadline has passed already.
+        """
         ...
 
     async def acquire_async(self, spec: LockSpec, deadline: float | None) -> Handle | None:
-        """`acquire` without blocking the event loop; cancellation leaves nothing held."""
+        """`acquire` without blocking the event loop; cancellation leaves nothing held.
+
+        For a backend without the "local" capability, the core's one attempt that does not
+        wait is this with a past deadline: `try_acquire` would block the loop on a network.
+        """
         ...
 
     def release(self, handle: Handle) -> None:

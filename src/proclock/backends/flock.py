@@ -9,9 +9,12 @@ What this module guarantees:
 - A description is used (locked, unlocked, written, truncated, closed) only by the process that
   opened it, and only after checking that its number still refers to it (`_flock` explains how).
   A number that may have been reused is forgotten, never touched.
-- A description has one user at a time (an attempt, a hold or a parked wait), identified by a
+- A description has one user at a time (an attempt, a hold or a parked wait), its `owner`
   token; every step checks the token, so an attempt interrupted after it handed a description
-  back can never unlock it under its next user.
+  back can never unlock it under its next user. Each attempt records what it sets in motion
+  (the description it claimed or opened, the parked wait it started or adopted) in an
+  `_Attempt` as it happens, inside the section that makes it: an exception at any point
+  (Ctrl-C, cancellation) is undone from that record, and nothing stays locked for nobody.
 - An idle description holds nothing. Idle ones are pooled per file for reuse by any owner of this
   process: at most `IDLE_PER_FILE` per file and `IDLE_MAX` in all (the least recently used file's
   are closed first). A forked child closes every description it inherited, without unlocking
@@ -35,14 +38,15 @@ What this module guarantees:
 
 from __future__ import annotations
 
+import errno
 import os
-import sys
 import threading
 import time
+from _queue import SimpleQueue
 
 from .. import _core, _dirs, _flock, _holder, _names
 from .._errors import ProcLockError
-from ._base import FD, FREED_ON_EXIT, SHARED, Handle
+from ._base import FD, FREED_ON_EXIT, LOCAL, SHARED, Handle
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -136,6 +140,23 @@ class _File:
         self.idle = 0  # how many of them are IDLE
 
 
+class _Attempt:
+    """What a parked wait's waiter has set in motion, recorded as it happens.
+
+    Like a Handle (the record of an attempt that does not park), it is the owner token of the
+    description it claimed or opened (`private`) until a parked wait takes that over.
+    """
+
+    __slots__ = ("parked", "private")
+
+    def __init__(self) -> None:
+        self.private: _Desc | None = None
+        self.parked: _Parked | None = None
+
+
+Owner = Handle | _Attempt  # what records a claimed or opened description in `private`
+
+
 # Opening and closing descriptions, and the file table, change under _open_lock, which the fork
 # handler holds across fork() so that a child never inherits a descriptor we do not know of. It
 # is reentrant: a signal handler or finalizer may open a lock file while this thread opens one.
@@ -144,12 +165,11 @@ class _File:
 _open_lock = threading.RLock()
 _claim_lock = threading.Lock()
 _files: dict[str, _File] = {}
-_lru: dict[str, None] = {}  # files with idle descriptions, least recently used first
 _idle_total = 0
 
 
-def _claim(path: str, owner: object) -> _Desc | None:
-    """An idle description of `path`, now BUSY for `owner`; None if there is none."""
+def _claim(path: str, attempt: Owner) -> _Desc | None:
+    """An idle description of `path`, now BUSY for `attempt` (recorded in it); None if none."""
     global _idle_total  # noqa: PLW0603
     file = _files.get(path)
     if file is None or not file.idle:
@@ -159,15 +179,16 @@ def _claim(path: str, owner: object) -> _Desc | None:
             with _claim_lock:
                 if desc.state == IDLE:
                     desc.state = BUSY
-                    desc.owner = owner
+                    desc.owner = attempt
+                    attempt.private = desc
                     file.idle -= 1
                     _idle_total -= 1
                     return desc
     return None
 
 
-def _open(path: str, mode: int, located: Located | None, owner: object) -> _Desc:
-    """A new description of `path`, BUSY for `owner`; the directory vetted first."""
+def _open(path: str, mode: int, located: Located | None, owner: Owner | _Parked) -> _Desc:
+    """A new description of `path`, BUSY for `owner` (and recorded in it); vetted first."""
     if located is not None:
         _, directory, kind = located
         if directory is None:
@@ -186,6 +207,7 @@ def _open(path: str, mode: int, located: Located | None, owner: object) -> _Desc
         except BaseException:
             os.close(fd)
             raise
+        owner.private = desc
     return desc
 
 
@@ -205,16 +227,18 @@ def _close(desc: _Desc, owner: object) -> None:
             file.descs.remove(desc)
         if not file.descs and _files.get(file.path) is file:
             del _files[file.path]
-            _lru.pop(file.path, None)
         if mine:
             os.close(desc.fd)
 
 
 def _put_back(desc: _Desc, owner: object) -> None:
-    """Pool a description `owner` uses that holds nothing, or close it past the bounds."""
+    """Pool a description `owner` uses that holds nothing, or close it past the bounds.
+
+    The caller has just used the number (so it knows it is still this description's).
+    """
     global _idle_total  # noqa: PLW0603
     file = desc.file
-    if file.idle >= IDLE_PER_FILE or _files.get(file.path) is not file or not desc.ours():
+    if file.idle >= IDLE_PER_FILE or _files.get(file.path) is not file:
         _close(desc, owner)
         return
     with _claim_lock:
@@ -224,27 +248,18 @@ def _put_back(desc: _Desc, owner: object) -> None:
         desc.state = IDLE
         file.idle += 1
         _idle_total += 1
-    path = file.path
-    _lru.pop(path, None)
-    _lru[path] = None
     if _idle_total > IDLE_MAX:
         _evict()
 
 
 def _evict() -> None:
-    """Close idle descriptions of the least recently used files until within IDLE_MAX."""
+    """Close idle descriptions, the longest-known files' first, until within IDLE_MAX."""
     global _idle_total  # noqa: PLW0603
-    while _idle_total > IDLE_MAX:
-        try:
-            path = next(iter(_lru))
-        except (StopIteration, RuntimeError):  # empty, or changed meanwhile: next time
+    for file in list(_files.values()):
+        if _idle_total <= IDLE_MAX:
             return
-        _lru.pop(path, None)
-        file = _files.get(path)
-        if file is None:
-            continue
         for desc in list(file.descs):
-            token = object()
+            token = _Attempt()
             with _claim_lock:
                 if desc.state != IDLE:
                     continue
@@ -255,26 +270,32 @@ def _evict() -> None:
             _close(desc, token)
 
 
-def _discard(desc: _Desc, owner: object) -> None:
+def _discard(desc: _Desc | None, owner: object) -> None:
     """Give back a description `owner` uses that may hold the lock: unlock, then pool it.
 
     Does nothing if `owner` no longer uses it (it was given back already).
     """
-    if desc.state != BUSY or desc.owner is not owner:
+    if desc is None or desc.state != BUSY or desc.owner is not owner:
         return
-    if desc.ours():
-        try:
-            _flock.unlock(desc.fd)
-        except OSError:
-            _close(desc, owner)  # closing releases whatever this description held
-            return
+    if not desc.ours():
+        _close(desc, owner)  # forgotten: whatever it held went with its number
+        return
+    try:
+        if desc.owner is owner:  # checked again just before the syscall (no call between)
+            _flock_call(desc.fd, _flock.UN)
+    except OSError:
+        _close(desc, owner)  # closing releases whatever this description held
+        return
     _put_back(desc, owner)
 
 
 def _verify(desc: _Desc, path: str) -> os.stat_result | None:
-    """After the lock was granted: fstat of the description if the file is still at `path`."""
+    """After the lock was granted: fstat of the description if the file is still at `path`.
+
+    The caller checked, just before flock(2), that the number is this description's.
+    """
     st = _fstat(desc.fd)
-    if st.st_nlink and st.st_ctime_ns == desc.ctime:
+    if st.st_nlink and st.st_ctime_ns == desc.ctime and st.st_ino == desc.ino:
         return st  # nothing changed the inode's links or names since the path last matched
     if _flock.still_at_path(desc.dev, desc.ino, path) is None:
         return None
@@ -307,28 +328,40 @@ def _write_record(desc: _Desc, st: os.stat_result, label: str, via: int | None) 
             return
     prefix, suffix = _holder.metadata_parts(label, via)
     record = prefix + b"%.6f" % now + suffix
-    if os.pwrite(fd, record, 0) != len(record):
-        raise OSError(28, "No space left on device (short write)", desc.file.path)
-    if st.st_size > len(record):
-        os.ftruncate(fd, len(record))  # another holder's longer record: cut to ours
+    try:
+        if os.pwrite(fd, record, 0) != len(record):
+            raise OSError(errno.ENOSPC, "No space left on device (short write)")  # noqa: TRY301
+        if st.st_size > len(record):
+            os.ftruncate(fd, len(record))  # another holder's longer record: cut to ours
+    except OSError as exc:  # ENOSPC, EIO, EFBIG: surface it (the caller gives the lock back)
+        raise _flock.with_path(exc, desc.file.path) from None
     desc.rec, desc.rec_at, desc.rec_mtime = record, now, -1
 
 
-def _granted(desc: _Desc, owner: object, spec: LockSpec, path: str) -> Handle | None:
-    """After the kernel granted `desc`: verify, write the record, make the handle.
+def _granted(
+    desc: _Desc,
+    owner: Handle | _Parked,
+    spec: LockSpec,
+    path: str,
+    st: os.stat_result | None = None,
+) -> Handle | None:
+    """After the kernel granted `desc` to `owner`: verify, write the record, the handle.
 
-    None if the file was replaced meanwhile (the description is then dropped). The handle
-    becomes the description's owner as the last step.
+    `owner` is the attempt's own Handle, or the parked wait that got the grant (the handle is
+    then made here and becomes the description's owner as the very last step). None if the
+    file was replaced meanwhile (the description is then dropped). `st` is the fstat a
+    parked wait's helper took when it verified the grant itself.
     """
-    if not desc.ours():
-        _close(desc, owner)  # forgotten: its number was closed under us
-        return None
-    st = _verify(desc, path)
+    if st is None:
+        st = _verify(desc, path)
     if st is None:
         _unlock_and_close(desc, owner)
         return None
     if not spec.shared:
         _write_record(desc, st, spec.label, None)
+    if isinstance(owner, Handle):
+        owner._fd = desc.fd
+        return owner
     handle = Handle(path, fd=desc.fd, shared=spec.shared, private=desc)
     desc.owner = handle
     return handle
@@ -336,8 +369,32 @@ def _granted(desc: _Desc, owner: object, spec: LockSpec, path: str) -> Handle | 
 
 def _unlock_and_close(desc: _Desc, owner: object) -> None:
     if desc.owner is owner and desc.ours():
-        _flock.unlock(desc.fd)
+        _flock_call(desc.fd, _flock.UN)
     _close(desc, owner)
+
+
+def _own_grant_passing(desc: _Desc, op: int, path: str) -> bool:
+    """LOCK_NB failed while a parked wait of ours is in the kernel on the same file.
+
+    When the holder releases, an abandoned parked wait may be granted the lock for nobody and
+    hold it for the few microseconds it takes to unlock it: a LOCK_NB try of this process must
+    not report the lock busy because of that. Let the helper run (it needs the GIL) and try
+    again, as long as one of our parked waits on the file has been granted; if they are all
+    still blocked behind a real holder, the lock is busy indeed.
+    """
+    for pause in _OWN_GRANT_PAUSES:
+        time.sleep(pause)
+        try:
+            _flock_call(desc.fd, op)
+        except BlockingIOError:
+            if not any(p.granted for p in _in_kernel_on.get(path, ())):
+                return False
+            continue
+        return True
+    return False
+
+
+_OWN_GRANT_PAUSES = (0.0, 0.0, 0.0001, 0.001)
 
 
 def _replaced_too_often(spec: LockSpec, path: str) -> ProcLockError:
@@ -347,11 +404,92 @@ def _replaced_too_often(spec: LockSpec, path: str) -> ProcLockError:
     )
 
 
+def _location(spec: LockSpec) -> str:
+    """The lock file of `spec` now (the environment is read each time): the hot path."""
+    path = spec.path
+    if path is not None:
+        return path
+    where = spec._where
+    if where is not None:
+        if spec.lock_dir is not None:
+            return where[1][0]  # type: ignore[no-any-return]
+        env = _ENV
+        if env is not None and where[0] == (env.get(b"PROCLOCK_DIR"), env.get(b"XDG_RUNTIME_DIR")):
+            return where[1][0]  # type: ignore[no-any-return]
+    return FlockBackend.locate(spec)[0]
+
+
+_ENV = _dirs.ENV_DATA
+
+
+def _attempt(spec: LockSpec, *, wait: bool) -> Handle | None:
+    """LOCK_NB, or (wait=True) a blocking flock(2) in this thread, on a description of ours.
+
+    The Handle is made first: it is the attempt's record (`private`: the description it
+    claimed or opened) and the description's owner token, so an interruption anywhere gives
+    back exactly what this attempt holds. The common case (an idle description of ours, the
+    file unchanged, our record fresh) is written out here: lseek, flock(2), fstat.
+    """
+    path = _location(spec)
+    shared = spec.shared
+    op = _SH if shared else _EX
+    if not wait:
+        op |= _NB
+    handle = Handle(path, shared=shared)
+    try:
+        for _ in range(_REPLACED_MAX):
+            desc = _claim(path, handle) or _open(path, spec.mode, FLOCK.locate(spec), handle)
+            try:  # the number must still be this description's (see _flock)
+                magic = desc.magic
+                mine = desc.gen == _core.generation and (
+                    _lseek(desc.fd, 0, _SEEK_CUR) == magic if magic is not None else desc.ours()
+                )
+            except OSError:
+                mine = False
+            if not mine:
+                _close(desc, handle)  # forgotten: its number is someone else's now
+                continue
+            try:
+                if desc.owner is handle:
+                    _flock_call(desc.fd, op)
+            except BlockingIOError:
+                if path in _in_kernel_on and _own_grant_passing(desc, op, path):
+                    pass  # our own parked wait held it for an instant, for nobody: ours now
+                else:
+                    _put_back(desc, handle)
+                    return None
+            except OSError as exc:
+                raise _flock.with_path(exc, path) from None
+            st: os.stat_result | None = _fstat(desc.fd)
+            if not (
+                st is not None
+                and st.st_nlink
+                and st.st_ctime_ns == desc.ctime
+                and st.st_ino == desc.ino
+            ):
+                st = _verify(desc, path)  # something changed the inode: look up the path
+            if st is None:
+                _unlock_and_close(desc, handle)
+                continue
+            if not shared and not (
+                st.st_mtime_ns == desc.rec_mtime
+                and st.st_size == len(desc.rec)
+                and _time() - desc.rec_at < RECORD_REFRESH
+            ):
+                _write_record(desc, st, spec.label, None)
+            handle._fd = desc.fd
+            return handle
+    except BaseException:
+        _discard(handle.private, handle)
+        raise
+    raise _replaced_too_often(spec, path)
+
+
 class FlockBackend:
     """flock(2) on `lock_path(name)` (or `path=`): the default backend."""
 
     __slots__ = ()
-    capabilities = frozenset((SHARED, FD, FREED_ON_EXIT))
+    capabilities = frozenset((SHARED, FD, FREED_ON_EXIT, LOCAL))
 
     def __repr__(self) -> str:
         return "flock"
@@ -368,7 +506,7 @@ class FlockBackend:
         if spec.path is not None:
             return spec.path, None, _dirs.NAMED
         key = None if spec.lock_dir is not None else _dirs.environment_key()
-        where = spec._where  # noqa: SLF001  (this backend's memo on the spec)
+        where = spec._where
         if where is not None and where[0] == key:
             return where[1]  # type: ignore[no-any-return]
         name = spec.name
@@ -379,9 +517,7 @@ class FlockBackend:
         object.__setattr__(spec, "_where", (key, located))
         return located
 
-    def location(self, spec: LockSpec) -> str:
-        """The lock file, where it would be taken now (the environment is read each time)."""
-        return self.locate(spec)[0]
+    location = staticmethod(_location)
 
     def holder(self, spec: LockSpec) -> Holder | None:
         """Who holds the lock file now, from the kernel and the file's record."""
@@ -391,8 +527,7 @@ class FlockBackend:
 
     def try_acquire(self, spec: LockSpec) -> Handle | None:
         """One LOCK_NB attempt on a description of our own: a handle, or None if busy."""
-        located = self.locate(spec)
-        return _attempt(spec, located, wait=False)
+        return _attempt(spec, wait=False)
 
     def acquire(self, spec: LockSpec, deadline: float | None) -> Handle | None:
         """Wait for the lock until `deadline` (monotonic; None: forever); None if it passed.
@@ -401,10 +536,9 @@ class FlockBackend:
         lock straight to it at release, and Ctrl-C interrupts it in the main thread. With one,
         a parked helper waits in the kernel while this thread waits for its word.
         """
-        located = self.locate(spec)
         if deadline is None:
-            return _attempt(spec, located, wait=True)
-        return _wait_parked(spec, located, deadline)
+            return _attempt(spec, wait=True)
+        return _wait_parked(spec, self.locate(spec), deadline)
 
     async def acquire_async(self, spec: LockSpec, deadline: float | None) -> Handle | None:
         """`acquire` for coroutines: a parked helper waits, the event loop never blocks."""
@@ -421,12 +555,22 @@ class FlockBackend:
         desc: _Desc = handle.private
         if desc.owner is not handle or desc.state != BUSY:
             return
-        if desc.ours():
-            try:
-                _flock.unlock(desc.fd)
-            except OSError:
-                _close(desc, handle)
-                raise
+        try:  # the number must still be this description's (see _flock)
+            magic = desc.magic
+            mine = desc.gen == _core.generation and (
+                _lseek(desc.fd, 0, _SEEK_CUR) == magic if magic is not None else desc.ours()
+            )
+        except OSError:
+            mine = False
+        if not mine:
+            _close(desc, handle)  # forgotten: whatever it held went with its number
+            return
+        try:
+            if desc.owner is handle:  # checked again just before the syscall
+                _flock_call(desc.fd, _flock.UN)
+        except OSError:
+            _close(desc, handle)
+            raise
         _put_back(desc, handle)
 
     # -- fork (called by the core's fork handler) -------------------------------------------
@@ -443,10 +587,9 @@ class FlockBackend:
         _open_lock = threading.RLock()
         _claim_lock = threading.Lock()
         _parking_after_fork()
-        keep = {id(h.private): h for h in kept}
+        keep = {id(h.private) for h in kept}
         files = list(_files.values())
         _files.clear()
-        _lru.clear()
         _idle_total = 0
         for file in files:
             for desc in file.descs:
@@ -485,35 +628,6 @@ class FlockBackend:
         _write_record(desc, _fstat(desc.fd), label, via)
 
 
-def _attempt(spec: LockSpec, located: Located, *, wait: bool) -> Handle | None:
-    """LOCK_NB, or (wait=True) a blocking flock(2) in this thread, on a description of ours."""
-    path = located[0]
-    op = _SH if spec.shared else _EX
-    if not wait:
-        op |= _NB
-    token = object()
-    for _ in range(_REPLACED_MAX):
-        desc = _claim(path, token) or _open(path, spec.mode, located, token)
-        try:
-            if not desc.ours():
-                _close(desc, token)  # forgotten: its number is someone else's now
-                continue
-            try:
-                _flock_call(desc.fd, op)
-            except BlockingIOError:
-                _put_back(desc, token)
-                return None
-            except OSError as exc:
-                raise _flock.with_path(exc, path) from None
-            handle = _granted(desc, token, spec, path)
-        except BaseException:
-            _discard(desc, token)
-            raise
-        if handle is not None:
-            return handle
-    raise _replaced_too_often(spec, path)
-
-
 FLOCK = FlockBackend()
 
 
@@ -524,31 +638,51 @@ FLOCK = FlockBackend()
 #
 #   WAITING    a waiter wants the grant (it is woken through `notify`)
 #   ABANDONED  its waiter gave up; the next waiter of the same file and mode may adopt it
+#   CANCELLED  its waiter gave up before a helper picked it up: the waiter gave its
+#              description back, and the helper that picks it up does nothing
 #   GRANTED    the kernel granted it and the waiter was told; not yet taken
 #   TAKEN      the waiter took the description: it is the waiter's now
 #   FAILED     the wait failed (`error`): the waiter raises it
 #   DONE       granted with nobody to give it to: unlocked and given back at once
+#
+# `picked` is set, under the mutex, by the helper that picks the wait up: until then the waiter
+# may cancel it and give its description back itself.
 
-WAITING, ABANDONED, GRANTED, TAKEN, FAILED, DONE = range(6)
+WAITING, ABANDONED, CANCELLED, GRANTED, TAKEN, FAILED, DONE = range(7)
 
 
 class _Parked:
-    __slots__ = ("desc", "error", "key", "mode", "mutex", "notify", "state")
+    __slots__ = (
+        "error",
+        "granted",
+        "key",
+        "mode",
+        "mutex",
+        "notify",
+        "picked",
+        "private",
+        "st",
+        "state",
+    )
 
-    def __init__(
-        self, desc: _Desc, key: tuple[str, int], mode: int, notify: Callable[[], None]
-    ) -> None:
-        self.desc, self.key, self.mode = desc, key, mode
+    def __init__(self, key: tuple[str, int], mode: int, notify: Callable[[], None]) -> None:
+        self.key, self.mode = key, mode
+        self.private: _Desc | None = None  # its description (as a Handle's `private`)
         self.mutex = threading.Lock()
         self.state = WAITING
         self.notify = notify
         self.error: BaseException | None = None
+        self.picked = False
+        self.granted = False  # flock(2) returned: the kernel granted it (verified or not)
+        self.st: os.stat_result | None = None  # fstat of the verified grant
 
 
 _park_lock = threading.RLock()
 _parked: dict[tuple[str, int], list[_Parked]] = {}  # abandoned waits, for adoption
-_in_kernel = 0  # helpers blocked in flock(2) now
-_helpers: list[_Helper] = []  # idle helper threads
+_in_kernel = 0  # picked-up parked waits, helpers blocked in flock(2)
+_in_kernel_on: dict[str, list[_Parked]] = {}  # the same, per lock file
+_jobs: SimpleQueue[_Parked] = SimpleQueue()
+_helpers_idle = 0  # helper threads blocked on _jobs with no job promised to them
 
 
 def parked_waits() -> int:
@@ -556,8 +690,8 @@ def parked_waits() -> int:
     return _in_kernel
 
 
-def _adopt(key: tuple[str, int], notify: Callable[[], None]) -> _Parked | None:
-    """An abandoned parked wait of the same file and mode, now waiting for the caller."""
+def _adopt(key: tuple[str, int], notify: Callable[[], None], attempt: _Attempt) -> bool:
+    """Adopt an abandoned parked wait of the same file and mode (recorded in `attempt`)."""
     with _park_lock:
         waits = _parked.get(key)
         while waits:
@@ -568,8 +702,9 @@ def _adopt(key: tuple[str, int], notify: Callable[[], None]) -> _Parked | None:
                 if parked.state == ABANDONED:
                     parked.state = WAITING
                     parked.notify = notify
-                    return parked
-    return None
+                    attempt.parked = parked
+                    return True
+    return False
 
 
 def _park(parked: _Parked) -> None:
@@ -579,9 +714,16 @@ def _park(parked: _Parked) -> None:
 
 
 def _unpark(parked: _Parked) -> None:
+    """The parked wait left the kernel (and, if it was granted for nobody, unlocked)."""
     global _in_kernel  # noqa: PLW0603
+    path = parked.key[0]
     with _park_lock:
         _in_kernel -= 1
+        on = _in_kernel_on.get(path)
+        if on is not None and parked in on:
+            on.remove(parked)
+            if not on:
+                _in_kernel_on.pop(path, None)
         waits = _parked.get(parked.key)
         if waits is not None and parked in waits:
             waits.remove(parked)
@@ -589,85 +731,91 @@ def _unpark(parked: _Parked) -> None:
                 _parked.pop(parked.key, None)
 
 
-def _start(parked: _Parked) -> None:
-    global _in_kernel  # noqa: PLW0603
+def _dispatch(parked: _Parked) -> None:
+    """Give the parked wait to an idle helper thread, or to a new one."""
+    global _helpers_idle  # noqa: PLW0603
     with _park_lock:
-        _in_kernel += 1
-        helper = _helpers.pop() if _helpers else None
-    try:
-        if helper is None:
-            helper = _Helper()
-            helper.job = parked
-            threading.Thread(target=helper.run, name="proclock-helper", daemon=True).start()
-        else:
-            helper.job = parked
-            helper.wakeup.release()
-    except BaseException:
+        spare = _helpers_idle > 0
+        if spare:
+            _helpers_idle -= 1  # promised to this job
+    _jobs.put(parked)
+    if not spare:
+        threading.Thread(target=_helper, name="proclock-helper", daemon=True).start()
+
+
+def _helper() -> None:
+    """A helper thread: serve parked waits one after another; idle, hold no descriptor."""
+    global _helpers_idle  # noqa: PLW0603
+    while True:
+        _serve(_jobs.get())
         with _park_lock:
-            _in_kernel -= 1
-        raise
-
-
-class _Helper:
-    """A thread that serves parked waits, one after another."""
-
-    __slots__ = ("job", "wakeup")
-
-    def __init__(self) -> None:
-        self.job: _Parked | None = None
-        self.wakeup = threading.Lock()
-        self.wakeup.acquire()
-
-    def run(self) -> None:
-        while True:
-            job, self.job = self.job, None
-            if job is not None:
-                _serve(job)
-            with _park_lock:
-                if len(_helpers) >= HELPERS_IDLE:
-                    return
-                _helpers.append(self)
-            self.wakeup.acquire()  # idle: holds no descriptor, waits for the next job
+            if _helpers_idle >= HELPERS_IDLE:
+                return
+            _helpers_idle += 1
 
 
 def _serve(parked: _Parked) -> None:
     """Block in flock(2) until granted, then hand the description over or unlock it."""
-    path, op = parked.key
+    global _in_kernel  # noqa: PLW0603
+    with parked.mutex:
+        if parked.state == CANCELLED:
+            return  # its waiter gave up before we got here, and gave the description back
+        parked.picked = True
+    with _park_lock:
+        _in_kernel += 1
+        _in_kernel_on.setdefault(parked.key[0], []).append(parked)
     try:
-        for _ in range(_REPLACED_MAX):
-            desc = parked.desc
-            if desc.ours():
-                try:
-                    _flock_call(desc.fd, op)
-                except OSError as exc:
-                    raise _flock.with_path(exc, path) from None
-                if desc.ours() and _verify(desc, path) is not None:
-                    break
-                _unlock_and_close(desc, parked)  # replaced while we waited: wait for the new one
-            else:
-                _close(desc, parked)  # its number was closed under us
-            parked.desc = _open(path, parked.mode, None, parked)
-        else:
-            msg = f"{path}: the lock file keeps being replaced while it is locked"
-            raise ProcLockError(msg)  # noqa: TRY301
+        _wait_in_kernel(parked)
     except BaseException as exc:  # noqa: BLE001  (handed to the waiter, who raises it)
         with parked.mutex:
             previous, parked.state, parked.error = parked.state, FAILED, exc
             notify = parked.notify
-        _unpark(parked)
-        _discard(parked.desc, parked)
+        try:
+            _discard(parked.private, parked)
+        finally:
+            _unpark(parked)
         if previous == WAITING:
             try:  # noqa: SIM105  (contextlib costs import time)
                 notify()
             except RuntimeError:  # a closed event loop: nobody waits there
                 pass
         return
+    _hand_over(parked)
+
+
+def _wait_in_kernel(parked: _Parked) -> None:
+    """flock(2) on the parked wait's description until granted on the file at the path."""
+    path, op = parked.key
+    for _ in range(_REPLACED_MAX):
+        desc = parked.private
+        if desc is not None and desc.ours():
+            try:
+                if desc.owner is parked:
+                    _flock_call(desc.fd, op)
+            except OSError as exc:
+                raise _flock.with_path(exc, path) from None
+            parked.granted = True
+            if desc.ours():
+                parked.st = _verify(desc, path)
+                if parked.st is not None:
+                    return
+            parked.granted = False
+            _unlock_and_close(desc, parked)  # replaced while we waited: wait for the new one
+        elif desc is not None:
+            _close(desc, parked)  # its number was closed under us
+        _open(path, parked.mode, None, parked)
+    msg = f"{path}: the lock file keeps being replaced while it is locked"
+    raise ProcLockError(msg)
+
+
+def _hand_over(parked: _Parked) -> None:
+    """Granted: tell the waiter, or (nobody wants it any more) unlock at once."""
     with parked.mutex:
         wanted = parked.state == WAITING
         parked.state = GRANTED if wanted else DONE
         notify = parked.notify
-    _unpark(parked)
     if wanted:
+        _unpark(parked)  # the waiter holds it now, as any holder does
         try:
             notify()
         except RuntimeError:  # the waiter's event loop is closed: nobody will take it
@@ -675,49 +823,91 @@ def _serve(parked: _Parked) -> None:
                 if parked.state == GRANTED:
                     parked.state = DONE
                     wanted = False
-        if wanted:
-            return
-    _discard(parked.desc, parked)  # a grant nobody wants: unlock at once
+        if not wanted:
+            _discard(parked.private, parked)
+        return
+    try:
+        _discard(parked.private, parked)  # a grant nobody wants: unlock at once
+    finally:
+        _unpark(parked)
 
 
-def _take_grant(parked: _Parked) -> tuple[int, _Desc]:
-    """The waiter's side, once woken or out of time: (state, description).
+def _start_parked(
+    spec: LockSpec, located: Located, notify: Callable[[], None], attempt: _Attempt
+) -> bool:
+    """Adopt an abandoned parked wait, or start one, for `attempt`; False past PARKED_MAX."""
+    path = located[0]
+    op = _SH if spec.shared else _EX
+    key = (path, op)
+    if _adopt(key, notify, attempt):
+        return True
+    if _in_kernel >= PARKED_MAX:
+        return False
+    while True:
+        desc = _claim(path, attempt) or _open(path, spec.mode, located, attempt)
+        if desc.ours():
+            break
+        _close(desc, attempt)
+    parked = _Parked(key, spec.mode, notify)
+    with _claim_lock:  # the description passes from the attempt to its parked wait
+        if desc.owner is attempt:
+            desc.owner = parked
+            parked.private = desc
+            attempt.parked = parked
+    if attempt.parked is not parked:  # pragma: no cover - the description was taken from us
+        msg = f"{path}: a description of this lock changed hands unexpectedly"
+        raise ProcLockError(msg)
+    _dispatch(parked)
+    return True
 
-    GRANTED becomes TAKEN (the description is now the waiter's: its owner token stays the
-    parked wait until the handle replaces it); WAITING becomes ABANDONED and is left for
-    adoption. The state before the change is returned.
-    """
+
+def _give_up(attempt: _Attempt) -> None:
+    """Undo what an interrupted (or finished) wait set in motion: nothing stays locked."""
+    parked = attempt.parked
+    if parked is None:
+        _discard(attempt.private, attempt)
+        return
+    with parked.mutex:
+        state = parked.state
+        if state == WAITING:
+            parked.state = ABANDONED if parked.picked else CANCELLED
+        elif state == GRANTED:
+            parked.state = TAKEN
+    if state == WAITING:
+        if parked.picked:
+            _park(parked)  # the next waiter of this file and mode adopts it
+        else:
+            _discard(parked.private, parked)  # no helper has it: give the description back
+    elif state in (GRANTED, TAKEN):
+        _discard(parked.private, parked)  # granted to us, unwanted now (a TAKEN one not yet ours)
+    _discard(attempt.private, attempt)
+
+
+def _settle(attempt: _Attempt, spec: LockSpec, path: str) -> Handle | None:
+    """After the wait, woken or out of time: the handle if granted, else None (or raise)."""
+    parked = attempt.parked
+    assert parked is not None  # noqa: S101
     with parked.mutex:
         state = parked.state
         if state == GRANTED:
             parked.state = TAKEN
         elif state == WAITING:
-            parked.state = ABANDONED
-    if state == WAITING:
-        _park(parked)
-    return state, parked.desc
-
-
-def _settle(parked: _Parked, spec: LockSpec, path: str, *, failing: bool) -> Handle | None:
-    """After the wait: the handle if granted (None if not, or if the file was replaced).
-
-    With `failing` (the wait raised: Ctrl-C, cancellation), a grant is given back instead.
-    """
-    state, desc = _take_grant(parked)
-    if state == FAILED and not failing:
+            parked.state = ABANDONED if parked.picked else CANCELLED
+    if state == FAILED:
         error = parked.error
         assert error is not None  # noqa: S101
         raise error
+    if state == WAITING:
+        if parked.picked:
+            _park(parked)
+        else:
+            _discard(parked.private, parked)
+        return None
     if state != GRANTED:
         return None
-    if failing:
-        _discard(desc, parked)
-        return None
-    try:
-        return _granted(desc, parked, spec, path)
-    except BaseException:
-        _discard(desc, parked)
-        raise
+    desc = parked.private
+    assert desc is not None  # noqa: S101
+    return _granted(desc, parked, spec, path, parked.st)
 
 
 class _ThreadWaiter:
@@ -738,50 +928,21 @@ class _ThreadWaiter:
         self._lock.acquire(timeout=timeout)
 
 
-def _parked_wait(
-    spec: LockSpec, located: Located, notify: Callable[[], None]
-) -> tuple[_Parked | None, int]:
-    """Adopt an abandoned parked wait, or start one; (None, 0) past PARKED_MAX."""
-    path = located[0]
-    op = _SH if spec.shared else _EX
-    key = (path, op)
-    parked = _adopt(key, notify)
-    if parked is not None:
-        return parked, op
-    if _in_kernel >= PARKED_MAX:
-        return None, 0
-    while True:
-        token = object()
-        desc = _claim(path, token) or _open(path, spec.mode, located, token)
-        if desc.ours():
-            break
-        _close(desc, token)
-    parked = _Parked(desc, key, spec.mode, notify)
-    with _claim_lock:
-        desc.owner = parked  # the parked wait uses it from now on
-    try:
-        _start(parked)
-    except BaseException:
-        _discard(desc, parked)
-        raise
-    return parked, op
-
-
 def _wait_parked(spec: LockSpec, located: Located, deadline: float) -> Handle | None:
     path = located[0]
     while True:
         waiter = _ThreadWaiter()
-        parked, _ = _parked_wait(spec, located, waiter.wake)
-        if parked is None:
-            return _poll(spec, deadline)
+        attempt = _Attempt()
         try:
+            if not _start_parked(spec, located, waiter.wake, attempt):
+                return _poll(spec, deadline)
             remaining = deadline - _clock()
             if remaining > 0:
                 waiter.wait(remaining)
+            handle = _settle(attempt, spec, path)
         except BaseException:
-            _settle(parked, spec, path, failing=True)
+            _give_up(attempt)
             raise
-        handle = _settle(parked, spec, path, failing=False)
         if handle is not None or _clock() >= deadline:
             return handle
 
@@ -800,18 +961,18 @@ async def _wait_parked_async(
             # From the helper thread; raises RuntimeError if the loop is closed.
             loop.call_soon_threadsafe(_resolve, future)
 
-        parked, _ = _parked_wait(spec, located, notify)
-        if parked is None:
-            return await _poll_async(spec, deadline, asyncio)
+        attempt = _Attempt()
         try:
+            if not _start_parked(spec, located, notify, attempt):
+                return await _poll_async(spec, deadline, asyncio)
             remaining = None if deadline is None else deadline - _clock()
             if remaining is None or remaining > 0:
                 # asyncio.wait neither raises on timeout nor cancels the future it watches.
                 await asyncio.wait((future,), timeout=remaining)
+            handle = _settle(attempt, spec, path)
         except BaseException:
-            _settle(parked, spec, path, failing=True)
+            _give_up(attempt)  # cancellation included: a grant that arrived is given back
             raise
-        handle = _settle(parked, spec, path, failing=False)
         if handle is not None or (deadline is not None and _clock() >= deadline):
             return handle
 
@@ -849,12 +1010,10 @@ async def _poll_async(spec: LockSpec, deadline: float | None, asyncio: Any) -> H
 
 
 def _parking_after_fork() -> None:
-    global _park_lock, _in_kernel  # noqa: PLW0603
+    global _park_lock, _in_kernel, _jobs, _helpers_idle  # noqa: PLW0603
     _park_lock = threading.RLock()
     _parked.clear()
-    _helpers.clear()  # their threads do not exist here
+    _in_kernel_on.clear()
     _in_kernel = 0
-
-
-def _unused() -> None:  # pragma: no cover - keeps sys imported for type checkers
-    _ = sys
+    _jobs = SimpleQueue()  # the helper threads do not exist here
+    _helpers_idle = 0

@@ -1,10 +1,28 @@
 """PostgreSQL session advisory locks: the lock dies with its holder's session, no TTL to guess.
 
-Each held or waiting lock has a connection of its own, opened by proclock (never one the
-application uses): a session advisory lock belongs to a session, so two locks sharing one would
-re-enter each other, and an application's `ROLLBACK` or reconnect would drop a lock it does not
-know it holds. The server queues the waiters (`pg_advisory_lock` blocks in the server; nothing
-polls), and enforces the timeout (`lock_timeout`, set for the one statement).
+A primitive under proclock's core (`backends._protocol.Backend`): re-entry, retries, contention
+errors, logging and on_lost live in the core; this module takes and gives back one lock on one
+server session.
+
+What this module guarantees:
+
+- Each acquisition uses a connection (a server session) of its own, opened by proclock, never
+  one the application uses: the server is the arbiter between every pair of owners, so two
+  threads or tasks of one process exclude each other exactly as two processes do, and an
+  application's `ROLLBACK` or reconnect cannot drop a lock it does not know it holds. The
+  server queues the waiters (`pg_advisory_lock` blocks in the server; nothing polls) and
+  enforces the deadline (`lock_timeout`, set for the one statement).
+- An idle connection holds no advisory lock. Only `pool_size` of them are kept for reuse; any
+  number can be in use. Whatever goes wrong once the lock statement was sent (Ctrl-C, a
+  cancelled task, an error after the grant), the connection is closed, and the server frees
+  everything its session held or awaited: nothing is left held with no owner.
+- The fencing token is bumped, and committed durably, in the very statement that takes the lock.
+- A session lost while held (`pg_terminate_backend`, a server restart, the network) or a changed
+  `pg_backend_pid()` (a transaction-mode pooler) is seen by the heartbeat thread and reported
+  to the core (`_core.report_lost`); an unlock is only ever run on the session that took the
+  lock.
+- A forked child forgets its parent's connections without ending their sessions (which would
+  free the parent's locks); it never sends a byte on them.
 
 Connections are kept in a hand-kept list rather than a `psycopg_pool.ConnectionPool`:
 
@@ -15,8 +33,6 @@ Connections are kept in a hand-kept list rather than a `psycopg_pool.ConnectionP
 - after os.fork() a child must forget its parent's connections without closing them (libpq's
   close sends Terminate, which would end the parent's session and free its locks), and a pool's
   worker threads and connections are not ours to neuter.
-
-Only `pool_size` idle connections are kept for reuse; any number can be in use.
 """
 
 from __future__ import annotations
@@ -36,16 +52,10 @@ from psycopg import conninfo as _conninfo
 from psycopg import errors as _pgerr
 from psycopg.pq import TransactionStatus
 
-from .. import _owners
-from .._errors import (
-    BackendUnavailableError,
-    LockHeldError,
-    LockLostError,
-    LockTimeoutError,
-    ProcLockError,
-)
+from .. import _core
+from .._errors import BackendUnavailableError, ProcLockError
 from .._holder import Holder
-from .._logging import log as _log
+from ._base import FENCING, FREED_ON_EXIT, LOSS, SHARED, Handle
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -53,14 +63,13 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
-    from .._lock import ProcessLock
+    from .._spec import LockSpec
 
 __all__ = ["PostgresBackend", "advisory_key"]
 
-_DEBUG = 10  # logging.DEBUG
-_EX, _SH = _owners.EX, _owners.SH
 _APP_NAME_MAX = 63  # NAMEDATALEN - 1: the server truncates application_name there
 _CANCEL_GIVE_UP = 10.0  # seconds an abandoned async wait keeps cancelling its query
+_PLACES_MAX = 1024  # names whose key and location are remembered, per backend
 _clock = time.monotonic
 
 _CREATE_TABLE = """
@@ -95,21 +104,21 @@ _WAIT_LOCK = (
     " set_config('synchronous_commit', 'on', true)),"
     " l AS (SELECT {function}(%(key)s) FROM t)"
 )
-_TRY = {
-    _EX: _TRY_LOCK.format(function="pg_try_advisory_lock") + _BUMP.format(where="WHERE l.ok"),
-    _SH: _TRY_LOCK.format(function="pg_try_advisory_lock_shared")
-    + _BUMP.format(where="WHERE l.ok"),
-}
-_WAIT = {
-    _EX: _WAIT_LOCK.format(function="pg_advisory_lock") + _BUMP.format(where=""),
-    _SH: _WAIT_LOCK.format(function="pg_advisory_lock_shared") + _BUMP.format(where=""),
-}
+# Indexed by shared (False, True).
+_TRY = (
+    _TRY_LOCK.format(function="pg_try_advisory_lock") + _BUMP.format(where="WHERE l.ok"),
+    _TRY_LOCK.format(function="pg_try_advisory_lock_shared") + _BUMP.format(where="WHERE l.ok"),
+)
+_WAIT = (
+    _WAIT_LOCK.format(function="pg_advisory_lock") + _BUMP.format(where=""),
+    _WAIT_LOCK.format(function="pg_advisory_lock_shared") + _BUMP.format(where=""),
+)
 # Unlock only on the session that took the lock: behind a transaction-mode pooler the next
 # statement may run on another client's session, whose lock of the same key we must not drop.
-_UNLOCK = {
-    _EX: "SELECT CASE WHEN pg_backend_pid() = %s THEN pg_advisory_unlock(%s) END",
-    _SH: "SELECT CASE WHEN pg_backend_pid() = %s THEN pg_advisory_unlock_shared(%s) END",
-}
+_UNLOCK = (
+    "SELECT CASE WHEN pg_backend_pid() = %s THEN pg_advisory_unlock(%s) END",
+    "SELECT CASE WHEN pg_backend_pid() = %s THEN pg_advisory_unlock_shared(%s) END",
+)
 _HOLDERS = """
 SELECT a.application_name, host(a.client_addr), l.pid, l.mode,
        extract(epoch FROM f.acquired_at)::float8
@@ -182,61 +191,21 @@ class _Link:
     def __init__(self, conn: psycopg.Connection[Any], pid: int) -> None:
         self.conn, self.pid = conn, pid
         self.reused = False
-        self.generation = _owners.fork_generation
+        self.generation = _core.generation  # another one in a forked child: the parent's
 
 
 class _Hold:
-    """A token: one owner's hold of one lock, on its own connection."""
+    """The state of one hold in this backend (`Handle.private`): its session, what it took."""
 
-    __slots__ = (
-        "backend",
-        "busy",
-        "count",
-        "fencing",
-        "generation",
-        "key",
-        "label",
-        "link",
-        "locks",
-        "lost",
-        "op",
-        "owner",
-        "path",
-        "pid",
-        "registry_key",
-        "released",
-    )
+    __slots__ = ("busy", "key", "link", "lost", "pid", "released", "shared")
 
-    fd = None  # no file descriptor to hand to a command (ProcessLock._held_fd)
-
-    def __init__(
-        self,
-        backend: PostgresBackend,
-        lock: ProcessLock,
-        owner: object,
-        *,
-        link: _Link,
-        key: int,
-        fencing: int,
-    ) -> None:
-        self.backend, self.owner, self.link, self.key, self.fencing = (
-            backend,
-            owner,
-            link,
-            key,
-            fencing,
-        )
-        self.label, self.op = lock._label, lock._op
-        self.registry_key = (backend._identity, lock._label)
-        self.path = backend._where_key(key)
-        self.pid = link.pid
-        self.count = 1
-        self.locks: list[ProcessLock] = [lock]  # whose on_lost to call
-        self.lost: LockLostError | None = None
+    def __init__(self, link: _Link, key: int, pid: int, *, shared: bool) -> None:
+        self.link, self.key, self.pid, self.shared = link, key, pid, shared
         self.released = False
-        self.generation = _owners.fork_generation
-        # Serialises the owner's release with the heartbeat's query on this connection.
-        self.busy = threading.Lock()
+        self.lost: str | None = None  # why the heartbeat found the session gone
+        # Serialises the release with the heartbeat's query on this connection. Reentrant: a
+        # signal handler that interrupts this release may finish it (it finds `released`).
+        self.busy = threading.RLock()
 
 
 class _Abandoned(Exception):  # noqa: N818  (internal signal, never escapes the module)
@@ -255,10 +224,10 @@ class _Wait:
         self.result: object = None
 
 
-# One registry for every backend object: (url, namespace) and name -> owner -> hold, so that
-# re-entry through a second PostgresBackend of the same URL counts instead of waiting for itself.
-_mutex = threading.Lock()
-_held: dict[tuple[tuple[str, str], str], dict[object, _Hold]] = {}
+# Guards every backend's connection lists and heartbeat set, in sections that make no call into
+# the driver or user code. Reentrant: a signal handler may take a lock while this thread is in
+# one of those sections.
+_mutex = threading.RLock()
 _instances: weakref.WeakSet[PostgresBackend] = weakref.WeakSet()
 
 
@@ -276,6 +245,8 @@ class PostgresBackend:
 
     Nothing connects until the first acquisition.
     """
+
+    capabilities = frozenset((SHARED, FENCING, LOSS, FREED_ON_EXIT))
 
     def __init__(
         self,
@@ -320,7 +291,6 @@ class PostgresBackend:
         self._pool_size = pool_size
         self._heartbeat = float(heartbeat) if heartbeat is not None else None
         self._display = _display(params)
-        self._identity = (url, namespace)
         extra: dict[str, Any] = {}
         if "connect_timeout" not in params:
             extra["connect_timeout"] = str(max(1, math.ceil(connect_timeout)))
@@ -337,10 +307,10 @@ class PostgresBackend:
         self._extra = extra
         self._idle: list[_Link] = []  # under _mutex
         self._links: set[_Link] = set()  # every open connection, for the fork handler
-        self._mine: set[_Hold] = set()  # holds on this backend, for the heartbeat
+        self._mine: set[Handle] = set()  # held on this backend, for the heartbeat
         self._heart: threading.Thread | None = None
         self._table_ready = False
-        self._keys: dict[str, int] = {}
+        self._places: dict[str, tuple[int, str]] = {}  # name -> (key, location)
         _instances.add(self)
 
     def __repr__(self) -> str:
@@ -348,27 +318,27 @@ class PostgresBackend:
 
     # -- keys and places ---------------------------------------------------------------------
 
+    def _place(self, name: str | None) -> tuple[int, str]:
+        """(advisory key, location) of the lock `name`, remembered."""
+        place = self._places.get(name)  # type: ignore[arg-type]
+        if place is None:
+            if name is None:
+                msg = "a PostgreSQL lock has a name, not a lock file (path=)"
+                raise ValueError(msg)
+            key = advisory_key(self._namespace, name)
+            place = (key, f"{self._display} advisory lock {key}")
+            if len(self._places) >= _PLACES_MAX:
+                self._places.clear()
+            self._places[name] = place
+        return place
+
     def key(self, name: str) -> int:
         """The advisory lock key of the lock `name` (see `advisory_key`)."""
-        key = self._keys.get(name)
-        if key is None:
-            if len(self._keys) > 1024:  # noqa: PLR2004
-                self._keys.clear()
-            key = self._keys[name] = advisory_key(self._namespace, name)
-        return key
+        return self._place(name)[0]
 
-    def _where_key(self, key: int) -> str:
-        return f"{self._display} advisory lock {key}"
-
-    def where(self, lock: ProcessLock, token: object | None) -> str:
-        """'postgresql://user@host:port/db advisory lock <key>' (no password)."""
-        if token is not None:
-            return token.path  # type: ignore[attr-defined, no-any-return]
-        return self._where_key(self.key(lock._label))
-
-    def fencing_token(self, token: object) -> int | None:
-        """The counter bumped under the lock at this acquisition: strictly increasing per name."""
-        return token.fencing  # type: ignore[attr-defined, no-any-return]
+    def location(self, spec: LockSpec) -> str:
+        """'postgresql://user@host:port/db advisory lock <key>' (no password); no I/O."""
+        return self._place(spec.name)[1]
 
     # -- connections -------------------------------------------------------------------------
 
@@ -422,7 +392,7 @@ class PostgresBackend:
         """Keep an idle connection (holding no advisory lock) for reuse, or close it."""
         conn = link.conn
         with _mutex:
-            if link.generation != _owners.fork_generation:
+            if link.generation != _core.generation:
                 return  # the parent's: never touched here (the fork handler neutered it)
             keep = (
                 len(self._idle) < self._pool_size
@@ -439,7 +409,7 @@ class PostgresBackend:
     def _discard(self, link: _Link) -> None:
         """Close a connection: the server then frees every lock its session held or awaited."""
         with _mutex:
-            if link.generation != _owners.fork_generation:
+            if link.generation != _core.generation:
                 return
             self._links.discard(link)
         conn = link.conn
@@ -481,209 +451,37 @@ class PostgresBackend:
                 raise ProcLockError(msg) from exc
         self._table_ready = True
 
-    def _failed(self, lock: ProcessLock, exc: psycopg.Error) -> ProcLockError:
-        """The error to raise for a driver error while taking `lock`."""
+    def _failed(self, spec: LockSpec, exc: psycopg.Error) -> ProcLockError:
+        """The error to raise for a driver error while taking the lock of `spec`."""
         if isinstance(exc, psycopg.OperationalError):
             return BackendUnavailableError(self._display, _reason(exc))
         return ProcLockError(
-            f"{lock._label!r} ({self.where(lock, None)}): the server refused the lock "
+            f"{spec.label!r} ({self.location(spec)}): the server refused the lock "
             f"statement: {_reason(exc)}"
         )
 
     # -- acquisition -------------------------------------------------------------------------
 
-    def _run_lock(
-        self,
-        lock: ProcessLock,
-        op: int,
-        deadline: float | None,
-        *,
-        wait: bool,
-        state: _Wait | None,
-    ) -> tuple[_Link, Any]:
-        """Run the try or wait statement on a connection: (link, row, or None if not taken)."""
-        key = self.key(lock._label)
-        for attempt in range(2):
-            link = self._borrow()
-            if state is not None:
-                with state.mutex:
-                    if state.abandoned:
-                        self._recycle(link)
-                        raise _Abandoned
-                    state.link = link
-            params: dict[str, Any] = {"key": key, "ns": self._namespace, "name": lock._label}
-            try:
-                self._ensure_table(link)
-                sql = _TRY[op]
-                if wait:
-                    remaining = None if deadline is None else deadline - _clock()
-                    if remaining is None:
-                        params["ms"] = "0"
-                        sql = _WAIT[op]
-                    elif remaining > 0:
-                        params["ms"] = str(max(1, math.ceil(remaining * 1000)))
-                        sql = _WAIT[op]
-                row = link.conn.execute(sql, params).fetchone()
-            except _pgerr.LockNotAvailable:
-                # lock_timeout: the advisory wait (or, in theory, the counter row's) ran out.
-                # The connection holds one lock at most, so unlock_all cannot touch another.
-                try:
-                    link.conn.execute("SELECT pg_advisory_unlock_all()")
-                except BaseException:
-                    self._discard(link)
-                    raise
-                return link, None
-            except BaseException as exc:
-                # Whatever happened (Ctrl-C, a cancel, an error after the lock was granted),
-                # closing the session frees anything it holds: nothing is left behind.
-                self._discard(link)
-                if (state is not None and state.abandoned) or not isinstance(exc, psycopg.Error):
-                    raise
-                if isinstance(exc, _pgerr.UndefinedTable) and attempt == 0:
-                    self._table_ready = False  # dropped since we created it
-                    continue
-                if isinstance(exc, psycopg.OperationalError) and link.reused and attempt == 0:
-                    continue  # an idle connection the server closed meanwhile: a fresh one
-                raise self._failed(lock, exc) from exc
-            return link, row
-        raise AssertionError  # pragma: no cover  (the loop returns or raises)
+    def try_acquire(self, spec: LockSpec) -> Handle | None:
+        """One pg_try_advisory_lock with the fencing bump (one round trip); None if busy."""
+        return self._take(spec, None, wait=False)
 
-    def _attempt(
-        self,
-        lock: ProcessLock,
-        owner: object,
-        *,
-        blocking: bool,
-        timeout: float | None,
-        state: _Wait | None = None,
-    ) -> _Hold | LockHeldError:
-        start = _clock()
-        wait = blocking and timeout != 0
-        deadline = None if timeout is None else start + timeout
-        op = lock._op
-        if wait and _log.isEnabledFor(_DEBUG):
-            _log.debug("waiting for %r (%s)", lock._label, self.where(lock, None))
-        link, row = self._run_lock(lock, op, deadline, wait=wait, state=state)
-        if row is None:
-            try:
-                holder = self._holder_on(link, lock)
-            except psycopg.Error:
-                self._discard(link)
-                holder = None  # the contention is the news; who it is, best effort
-            else:
-                self._recycle(link)
-            cls = LockTimeoutError if wait else LockHeldError
-            return cls(self.where(lock, None), lock._label, holder, _clock() - start)
-        hold = self._register(lock, owner, link, int(row[0]), int(row[1]))
-        if _log.isEnabledFor(_DEBUG):
-            _log.debug(
-                "acquired %r (%s) after %.6fs, fencing token %d",
-                lock._label,
-                hold.path,
-                _clock() - start,
-                hold.fencing,
-            )
-        return hold
+    def acquire(self, spec: LockSpec, deadline: float | None) -> Handle | None:
+        """Wait in the server's queue until `deadline` (monotonic; None: forever).
 
-    def _register(
-        self, lock: ProcessLock, owner: object, link: _Link, fencing: int, pid: int
-    ) -> _Hold:
-        if pid != link.pid:
-            # The statement ran on another server session than the one we connected to: a
-            # transaction-mode pooler, which hands sessions (and their locks) to other clients.
-            self._discard(link)
-            msg = (
-                f"{lock._label!r} ({self.where(lock, None)}): the server session changed from "
-                f"pid {link.pid} to {pid} between two statements: a transaction-mode pooler "
-                "(PgBouncer pool_mode=transaction) is in the way, and session advisory locks "
-                "cannot work through it; connect to PostgreSQL directly or in session mode. "
-                f"The lock may stay held by server pid {pid} until that session ends"
-            )
-            raise ProcLockError(msg)
-        hold = _Hold(self, lock, owner, link=link, key=self.key(lock._label), fencing=fencing)
-        with _mutex:
-            _held.setdefault(hold.registry_key, {})[owner] = hold
-            self._mine.add(hold)
-            if self._heartbeat is not None and self._heart is None:
-                thread = threading.Thread(
-                    target=self._beat, name="proclock-postgres-heartbeat", daemon=True
-                )
-                self._heart = thread
-                thread.start()
-        return hold
+        The server enforces the deadline (`lock_timeout`); None once it passed. Ctrl-C
+        cancels the server's wait (psycopg does) and closes the session.
+        """
+        return self._take(spec, deadline, wait=True)
 
-    def _reenter(self, lock: ProcessLock, owner: object) -> _Hold | None:
-        """Count a re-entry by an owner that already holds the lock; None if it does not."""
-        with _mutex:
-            owners = _held.get((self._identity, lock._label))
-            hold = owners.get(owner) if owners else None
-            if hold is None:
-                return None
-            kind = "thread" if isinstance(owner, int) else "task"
-            if not lock._reentrant:
-                msg = (
-                    f"{lock._label!r} ({hold.path}) is already held by this {kind} and "
-                    "reentrant=False forbids taking it again; release it first, or pass "
-                    "reentrant=True"
-                )
-                raise ProcLockError(msg)
-            if hold.op == _SH and lock._op == _EX:
-                msg = (
-                    f"{lock._label!r} ({hold.path}) is held shared by this {kind}, which now "
-                    "asks for it exclusively: an advisory lock cannot be upgraded atomically; "
-                    "release the shared lock, then take the exclusive one"
-                )
-                raise ProcLockError(msg)
-            lost = hold.lost
-            if lost is None:
-                hold.count += 1
-                if not any(known is lock for known in hold.locks):
-                    hold.locks.append(lock)
-                return hold
-        raise LockLostError(lost.location, lost.name, lost.reason, lost.fencing_token)
+    async def acquire_async(self, spec: LockSpec, deadline: float | None) -> Handle | None:
+        """`acquire` in a thread of its own; cancelling the task cancels the server's wait.
 
-    def _refuse_self_deadlock(self, lock: ProcessLock, owner: object, *, sync: bool) -> None:
-        """Refuse a wait that only this very thread could end (as flock's registry does)."""
-        with _mutex:
-            owners = dict(_held.get((self._identity, lock._label), {}))
-        if owners:
-            _owners.refuse_self_deadlock(
-                owners, owner, sync=sync, name=lock._label, where=self.where(lock, None)
-            )
-
-    def try_now(self, lock: ProcessLock, owner: object) -> _Hold | None:
-        """Re-entry, or one pg_try_advisory_lock (one round trip with the fencing bump)."""
-        hold = self._reenter(lock, owner)
-        if hold is not None:
-            return hold
-        link, row = self._run_lock(lock, lock._op, None, wait=False, state=None)
-        if row is None:
-            self._recycle(link)
-            return None
-        return self._register(lock, owner, link, int(row[0]), int(row[1]))
-
-    def attempt(
-        self, lock: ProcessLock, owner: object, *, blocking: bool, timeout: float | None
-    ) -> _Hold | LockHeldError:
-        """One attempt, the server queueing us as allowed (see the Backend contract)."""
-        hold = self._reenter(lock, owner)
-        if hold is not None:
-            return hold
-        if blocking and timeout != 0:
-            self._refuse_self_deadlock(lock, owner, sync=True)
-        return self._attempt(lock, owner, blocking=blocking, timeout=timeout)
-
-    async def attempt_async(
-        self, lock: ProcessLock, owner: object, *, blocking: bool, timeout: float | None
-    ) -> _Hold | LockHeldError:
-        """`attempt` in a thread of its own; cancelling the task cancels the server's wait."""
+        A lock granted to a wait nobody awaits any more (the task was cancelled, its event
+        loop closed) is given back at once: its session is closed.
+        """
         import asyncio  # noqa: PLC0415
 
-        hold = self._reenter(lock, owner)
-        if hold is not None:
-            return hold
-        if blocking and timeout != 0:
-            self._refuse_self_deadlock(lock, owner, sync=False)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
         state = _Wait()
@@ -691,7 +489,7 @@ class PostgresBackend:
         def work() -> None:
             result: object
             try:
-                result = self._attempt(lock, owner, blocking=blocking, timeout=timeout, state=state)
+                result = self._take(spec, deadline, wait=True, state=state)
             except BaseException as exc:  # noqa: BLE001  (handed to the task, which raises it)
                 result = exc
             with state.mutex:
@@ -709,7 +507,7 @@ class PostgresBackend:
         thread.start()
         try:
             result = await future
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled (or interrupted): leave nothing held or queued
             with state.mutex:
                 state.abandoned = True
                 done, result = state.done, state.result
@@ -733,10 +531,13 @@ class PostgresBackend:
         def cancel() -> None:
             give_up = _clock() + _CANCEL_GIVE_UP
             while thread.is_alive() and _clock() < give_up:
-                link = state.link
-                if link is not None and not link.conn.closed:
-                    with contextlib.suppress(Exception):  # the wait's own close frees all
-                        link.conn.cancel_safe(timeout=2.0)
+                # Under state.mutex: the wait pools its connection only after clearing
+                # state.link under it, so a cancel never reaches another owner's statement.
+                with state.mutex:
+                    link = state.link
+                    if link is not None and not link.conn.closed:
+                        with contextlib.suppress(Exception):  # the wait's own close frees all
+                            link.conn.cancel_safe(timeout=2.0)
                 thread.join(0.05)
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
                 loop.call_soon_threadsafe(_settle, finished, None)
@@ -744,87 +545,191 @@ class PostgresBackend:
         threading.Thread(target=cancel, name="proclock-postgres-cancel", daemon=True).start()
         await asyncio.wait((finished,), timeout=_CANCEL_GIVE_UP + 1)
 
-    def _drop(self, result: object) -> None:
-        """Give back a hold nobody will use (its wait was abandoned): close its session."""
-        if not isinstance(result, _Hold):
-            return
-        with _mutex:
-            owners = _held.get(result.registry_key)
-            if owners is not None and owners.get(result.owner) is result:
-                del owners[result.owner]
-                if not owners:
-                    del _held[result.registry_key]
-            self._mine.discard(result)
-        with result.busy:
-            result.released = True
-            self._discard(result.link)
+    def _take(
+        self, spec: LockSpec, deadline: float | None, *, wait: bool, state: _Wait | None = None
+    ) -> Handle | None:
+        """The try or wait statement on a connection of its own: a handle, or None."""
+        key, location = self._place(spec.name)
+        for attempt in range(2):
+            link = self._borrow()
+            if state is not None:
+                with state.mutex:
+                    if state.abandoned:
+                        self._recycle(link)
+                        raise _Abandoned
+                    state.link = link
+            try:
+                return self._run(link, spec, key, location, deadline, wait=wait, state=state)
+            except psycopg.Error as exc:  # the session is closed already
+                if state is not None and state.abandoned:
+                    raise
+                if isinstance(exc, _pgerr.UndefinedTable) and attempt == 0:
+                    self._table_ready = False  # dropped since we created it
+                    continue
+                if isinstance(exc, psycopg.OperationalError) and link.reused and attempt == 0:
+                    continue  # an idle connection the server closed meanwhile: a fresh one
+                raise self._failed(spec, exc) from exc
+        raise AssertionError  # pragma: no cover  (the loop returns or raises)
+
+    def _run(
+        self,
+        link: _Link,
+        spec: LockSpec,
+        key: int,
+        location: str,
+        deadline: float | None,
+        *,
+        wait: bool,
+        state: _Wait | None,
+    ) -> Handle | None:
+        """One lock statement on `link`: a handle, or None; on any error the session is closed."""
+        shared = spec.shared
+        params: dict[str, Any] = {"key": key, "ns": self._namespace, "name": spec.name}
+        handle = None
+        try:
+            self._ensure_table(link)
+            sql = _TRY[shared]
+            if wait:
+                remaining = None if deadline is None else deadline - _clock()
+                if remaining is None:
+                    params["ms"] = "0"  # no lock_timeout: wait forever
+                    sql = _WAIT[shared]
+                elif remaining > 0:
+                    params["ms"] = str(max(1, math.ceil(remaining * 1000)))
+                    sql = _WAIT[shared]
+            row = link.conn.execute(sql, params).fetchone()
+            if row is None:  # pg_try_advisory_lock said no: this session holds nothing
+                self._give_back(link, state)
+                return None
+            handle = self._granted(link, spec, key, location, row)
+        except _pgerr.LockNotAvailable:
+            # lock_timeout: the advisory wait (or, in theory, the counter row's) ran out.
+            # The connection holds one lock at most, so unlock_all cannot touch another.
+            try:
+                link.conn.execute("SELECT pg_advisory_unlock_all()")
+            except BaseException:
+                self._discard(link)
+                raise
+            self._give_back(link, state)
+            return None
+        except BaseException:
+            # Whatever happened (Ctrl-C, a cancel, an error after the lock was granted),
+            # closing the session frees anything it holds: nothing is left behind.
+            if handle is not None:
+                self._drop(handle)
+            else:
+                self._discard(link)
+            raise
+        return handle
+
+    def _give_back(self, link: _Link, state: _Wait | None) -> None:
+        """Pool a connection that holds nothing, unless an abandoned async wait used it."""
+        if state is not None:
+            with state.mutex:
+                state.link = None
+                abandoned = state.abandoned
+            if abandoned:  # its canceller may still send a cancel request on this connection
+                self._discard(link)
+                return
+        self._recycle(link)
+
+    def _granted(self, link: _Link, spec: LockSpec, key: int, location: str, row: Any) -> Handle:
+        """The handle of the lock the statement returned `row` for, watched by the heartbeat."""
+        token, pid = int(row[0]), int(row[1])
+        if pid != link.pid:
+            # The statement ran on another server session than the one we connected to: a
+            # transaction-mode pooler, which hands sessions (and their locks) to other clients.
+            msg = (
+                f"{spec.label!r} ({location}): the server session changed from pid {link.pid} "
+                f"to {pid} between two statements: a transaction-mode pooler (PgBouncer "
+                "pool_mode=transaction) is in the way, and session advisory locks cannot work "
+                "through it; connect to PostgreSQL directly or in session mode. The lock may "
+                f"stay held by server pid {pid} until that session ends"
+            )
+            raise ProcLockError(msg)
+        hold = _Hold(link, key, pid, shared=spec.shared)
+        handle = Handle(location, fencing_token=token, shared=spec.shared, private=hold)
+        self._watch(handle)
+        return handle
 
     # -- release -----------------------------------------------------------------------------
 
-    def release(self, lock: ProcessLock, token: object, owner: object) -> None:  # noqa: ARG002
-        """Give back one hold; the last one unlocks (raising LockLostError if it was lost)."""
-        hold: _Hold = token  # type: ignore[assignment]
-        if hold.generation != _owners.fork_generation:
-            return  # a forked child holds nothing of its parent's
+    def release(self, handle: Handle) -> None:
+        """Unlock on the hold's own session and pool the connection. Idempotent.
+
+        Nothing is touched in a forked child (the session is the parent's). A hold found lost
+        here (its session gone or changed, the lock no longer held) is reported to the core,
+        which raises LockLostError; the connection is then closed.
+        """
+        hold: _Hold = handle.private
+        if hold.link.generation != _core.generation:
+            return
         with _mutex:
+            self._mine.discard(handle)
+        with hold.busy:  # waits for a heartbeat query in flight on this connection
             if hold.released:
                 return
-            if hold.count > 1:
-                hold.count -= 1
-                lost = hold.lost
-                if lost is not None:
-                    raise _copy(lost)
-                return
-            owners = _held.get(hold.registry_key)
-            if owners is not None and owners.get(hold.owner) is hold:
-                del owners[hold.owner]
-                if not owners:
-                    del _held[hold.registry_key]
-            self._mine.discard(hold)
-        with hold.busy:  # waits for a heartbeat query in flight on this connection
             hold.released = True
             lost = hold.lost
-            fresh = lost is None and self._unlock(hold)
-            lost = hold.lost
+            if lost is None:
+                lost = self._unlock(hold)
+            else:
+                self._discard(hold.link)
         if lost is not None:
-            if fresh:
-                _tell(hold, lost)
-            raise _copy(lost)
-        if _log.isEnabledFor(_DEBUG):
-            _log.debug("released %r (%s)", hold.label, hold.path)
+            _core.report_lost(handle, lost)  # outside hold.busy: on_lost may release again
 
-    def _unlock(self, hold: _Hold) -> bool:  # under hold.busy
-        """Unlock on the hold's session; True if that found the lock lost (see hold.lost)."""
+    def _unlock(self, hold: _Hold) -> str | None:  # under hold.busy
+        """Unlock on the hold's session; the reason the hold was lost, else None."""
         link = hold.link
         try:
-            row = link.conn.execute(_UNLOCK[hold.op], (hold.pid, hold.key)).fetchone()
+            row = link.conn.execute(_UNLOCK[hold.shared], (hold.pid, hold.key)).fetchone()
         except BaseException as exc:
             self._discard(link)  # the server frees whatever the session held
             if not isinstance(exc, psycopg.Error):
                 raise
-            _lose(
-                hold,
+            return (
                 f"the connection failed before the release ({_reason(exc)}); the server frees "
-                "a session's locks when the session ends, maybe before this release",
+                "a session's locks when the session ends, maybe before this release"
             )
-            return True
         ok = row[0] if row is not None else None
         if ok is None:
             self._discard(link)
-            _lose(hold, _pooler_reason(hold.pid, None))
-            return True
+            return _pooler_reason(hold.pid, None)
         if not ok:
             self._discard(link)
-            msg = (
-                f"{hold.label!r} ({hold.path}): pg_advisory_unlock returned false: session "
-                f"{hold.pid} did not hold this lock any more (someone ran "
-                "pg_advisory_unlock_all() or pg_advisory_unlock() on proclock's connection?)"
+            return (
+                f"pg_advisory_unlock returned false: session {hold.pid} did not hold this lock "
+                "any more (someone ran pg_advisory_unlock_all() or pg_advisory_unlock() on "
+                "proclock's connection?)"
             )
-            raise ProcLockError(msg)
         self._recycle(link)
-        return False
+        return None
+
+    def _drop(self, result: object) -> None:
+        """Give back a hold nobody will use (its wait was abandoned): close its session."""
+        if not isinstance(result, Handle):
+            return
+        hold: _Hold = result.private
+        with _mutex:
+            self._mine.discard(result)
+        with hold.busy:
+            hold.released = True
+            self._discard(hold.link)
 
     # -- loss detection ----------------------------------------------------------------------
+
+    def _watch(self, handle: Handle) -> None:
+        """Have the heartbeat check this hold's session, starting it if it is not running."""
+        if self._heartbeat is None:
+            return
+        with _mutex:
+            self._mine.add(handle)
+            if self._heart is None:
+                thread = threading.Thread(
+                    target=self._beat, name="proclock-postgres-heartbeat", daemon=True
+                )
+                self._heart = thread
+                thread.start()
 
     def _beat(self) -> None:
         """Check every held lock's connection each `heartbeat` seconds; stop when none is held."""
@@ -835,18 +740,18 @@ class PostgresBackend:
             sleeper.wait(pause)
             with _mutex:
                 if self._heart is not threading.current_thread():
-                    return  # a fork replaced us, or another heartbeat took over
-                holds = [h for h in self._mine if h.lost is None]
+                    return  # a fork replaced us
                 if not self._mine:
                     self._heart = None
                     return
-            for hold in holds:
-                self._check(hold)
+                handles = list(self._mine)
+            for handle in handles:
+                self._check(handle)
 
-    def _check(self, hold: _Hold) -> None:
+    def _check(self, handle: Handle) -> None:
+        hold: _Hold = handle.private
         if not hold.busy.acquire(blocking=False):
             return  # its owner is releasing it right now
-        error = None
         try:
             if hold.released or hold.lost is not None:
                 return
@@ -863,22 +768,23 @@ class PostgresBackend:
                 if pid == hold.pid:
                     return
                 reason = _pooler_reason(hold.pid, pid)
+            hold.lost = reason
             self._discard(link)
-            error = _lose(hold, reason)
         finally:
             hold.busy.release()
-        if error is not None:
-            # Outside hold.busy: an on_lost that releases the lock must not wait for us.
-            _tell(hold, error)
+        with _mutex:
+            self._mine.discard(handle)
+        # Outside hold.busy: an on_lost that releases the lock must not wait for us.
+        _core.report_lost(handle, reason)
 
     # -- who holds it ------------------------------------------------------------------------
 
-    def _holder_on(self, link: _Link, lock: ProcessLock) -> Holder | None:
-        """Who holds `lock`, asked on `link`."""
-        key = self.key(lock._label)
+    def _holder_on(self, link: _Link, spec: LockSpec) -> Holder | None:
+        """Who holds the lock of `spec`, asked on `link`."""
+        key = self._place(spec.name)[0]
         params = {
             "ns": self._namespace,
-            "name": lock._label,
+            "name": spec.name,
             "classid": (key >> 32) & 0xFFFFFFFF,
             "objid": key & 0xFFFFFFFF,
         }
@@ -889,31 +795,35 @@ class PostgresBackend:
             return None
         if not rows:
             return None
-        app, addr, _server_pid, mode, at = rows[0]
-        pid, host, program = _parse_application_name(app)
+        # For a lock held shared by several sessions: another process than the caller's,
+        # where there is one.
+        me = os.getpid()
+        parsed = [(_parse_application_name(row[0]), row) for row in rows]
+        chosen = next((p for p in parsed if p[0][0] != me), parsed[0])
+        (pid, host, program), (_app, addr, _server_pid, mode, at) = chosen
         return Holder(
             pid=pid,
             hostname=host if host is not None else addr,
             argv=(program,) if program is not None else None,
             acquired_at=float(at) if at is not None else None,
             shared=mode == "ShareLock",
-            name=lock._label,
+            name=spec.name,
         )
 
-    def holder(self, lock: ProcessLock, token: object | None) -> Holder | None:  # noqa: ARG002
+    def holder(self, spec: LockSpec) -> Holder | None:
         """Who holds the lock now, from pg_locks and pg_stat_activity; None if it is free."""
         for attempt in range(2):
             link = self._borrow()
             try:
                 self._ensure_table(link)
-                found = self._holder_on(link, lock)
+                found = self._holder_on(link, spec)
             except BaseException as exc:
                 self._discard(link)
                 if not isinstance(exc, psycopg.Error):
                     raise
                 if isinstance(exc, psycopg.OperationalError) and link.reused and attempt == 0:
                     continue
-                raise self._failed(lock, exc) from exc
+                raise self._failed(spec, exc) from exc
             self._recycle(link)
             return found
         raise AssertionError  # pragma: no cover
@@ -928,19 +838,6 @@ class PostgresBackend:
             _neuter(link.conn)
 
 
-def _lose(hold: _Hold, reason: str) -> LockLostError:
-    """Record the loss of `hold` (under hold.busy); release() will raise it."""
-    error = LockLostError(hold.path, hold.label, reason, hold.fencing)
-    hold.lost = error
-    return error
-
-
-def _tell(hold: _Hold, error: LockLostError) -> None:
-    """Tell the hold's locks at once: each logs the error and calls its on_lost."""
-    for lock in list(hold.locks):
-        lock._lost(error)
-
-
 def _pooler_reason(expected: int, found: int | None) -> str:
     now = f"pid {found}" if found is not None else "another session"
     return (
@@ -948,11 +845,6 @@ def _pooler_reason(expected: int, found: int | None) -> str:
         "(PgBouncer pool_mode=transaction) hands sessions to other clients, and session "
         "advisory locks cannot work through it; connect to PostgreSQL directly or in session mode"
     )
-
-
-def _copy(error: LockLostError) -> LockLostError:
-    """A fresh LockLostError: raising one object twice would chain its tracebacks."""
-    return LockLostError(error.location, error.name, error.reason, error.fencing_token)
 
 
 def _settle(future: asyncio.Future[Any], result: object) -> None:
@@ -992,9 +884,9 @@ def _neuter(conn: psycopg.Connection[Any]) -> None:
 
 
 def _after_fork_in_child() -> None:
+    # Resource cleanup only: which holds a child has is the core's business (none of these).
     global _mutex  # noqa: PLW0603
-    _mutex = threading.Lock()  # the parent's may have been held by a thread that is gone
-    _held.clear()
+    _mutex = threading.RLock()  # the parent's may have been held by a thread that is gone
     for backend in list(_instances):
         backend._forget()
 

@@ -15,6 +15,23 @@ Keys, for a lock named N in namespace S (names are used verbatim: readable and i
   is issued only to a winner; it never expires (an expired counter would restart at 1).
 - ``S:chan:N``  the channel the release PUBLISHes on: waiters subscribe, then retry, then sleep
   until a message or the holder's remaining PTTL (a dead holder publishes nothing).
+
+What this module guarantees (the core, `proclock._core`, does re-entry, errors, logging and
+the fan-out of a loss; this is the primitive only):
+
+- Each acquisition is a lease with a token of its own, so two owners of one process exclude
+  each other exactly as two processes do.
+- A lease is proven held until `sent + ttl`, where `sent` is taken before the command that set
+  or extended it left. One thread per backend and process extends every held lease each ttl/3;
+  it reports a lease lost (`_core.report_lost`) when its key is gone, holds another token, or
+  Redis stayed unreachable past the proven end.
+- Release deletes the key only if it still holds our token, and publishes on the channel.
+  A release that cannot reach Redis while the lease is proven valid warns and lets the key
+  expire by itself (the work was protected: not a loss); past the proven end it is a loss.
+- An interruption (Ctrl-C) between the server's grant and the return of the handle gives the
+  lease back; one during release leaves it to be redone.
+- A forked child forgets its parent's clients and leases without closing them (redis-py shuts
+  a socket down only in the process that opened it): the parent's leases live on.
 """
 
 from __future__ import annotations
@@ -38,29 +55,22 @@ from redis.exceptions import ConnectionError as _RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from .. import _owners
-from .._errors import (
-    BackendUnavailableError,
-    LockHeldError,
-    LockLostError,
-    LockTimeoutError,
-    ProcLockError,
-)
+from .. import _core
+from .._errors import BackendUnavailableError
 from .._holder import Holder
-from .._logging import log as _log
+from ._base import FENCING, LOSS, Handle
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any, TypeVar
 
-    from .._lock import ProcessLock
+    from .._spec import LockSpec
 
     _T = TypeVar("_T")
 
 __all__ = ["RedisBackend"]
 
-_DEBUG = 10  # logging.DEBUG
 _COMMAND_TIMEOUT = 5.0  # seconds a command may take before the server counts as unavailable
 _IDLE_EXIT = 30.0  # seconds the renewal thread lingers with nothing to renew
 _SCHEMES = ("redis", "rediss", "unix")
@@ -110,55 +120,31 @@ _TAKEN = (
     "longer than the ttl) and another process took the lock"
 )
 
-
-class _NoSharedLocksError(ProcLockError, ValueError):
-    """shared=True asked of the Redis backend, which has only exclusive leases."""
+# Lease states, changed under the backend's mutex.
+HELD = 0  # proven held until `expires`, renewed every ttl/3
+LOST = 1  # found lost by the renewal (reported); release still runs its compare-and-delete
+RELEASING = 2  # release is deleting the key; the renewal leaves it alone
+RELEASED = 3  # given back (or forgotten by a forked child): a further release does nothing
+_STATE_NAMES = ("HELD", "LOST", "RELEASING", "RELEASED")
 
 
 class _Lease:
-    """One held lease: what release, renewal and `fencing_token` need."""
+    """One acquisition's lease: the backend's private state of a Handle."""
 
-    __slots__ = (
-        "count",
-        "due",
-        "expires",
-        "fence",
-        "key",
-        "locks",
-        "lost",
-        "name",
-        "owner",
-        "path",
-        "pid",
-        "prefix",
-        "released",
-    )
-    fd = None  # ProcessLock._held_fd(): a lease has no descriptor to pass on
+    __slots__ = ("channel", "due", "expires", "handle", "key", "pid", "prefix", "redo", "state")
 
-    def __init__(  # noqa: PLR0917  (internal: built in one place)
-        self,
-        name: str,
-        key: str,
-        path: str,
-        prefix: str,
-        fence: int,
-        owner: object,
-        lock: ProcessLock,
-        sent: float,
-        ttl: float,
-    ) -> None:
-        self.name, self.key, self.path, self.prefix = name, key, path, prefix
-        self.fence, self.owner, self.locks = fence, owner, [lock]
-        self.count = 1
+    def __init__(self, key: str, channel: str, prefix: str, sent: float, ttl: float) -> None:
+        self.key, self.channel, self.prefix = key, channel, prefix
         # Proven held until `expires` (monotonic): the expiry ran from no earlier than `sent`.
         self.expires = sent + ttl
         self.due = sent + ttl / 3
-        self.lost: LockLostError | None = None
-        self.released = False
+        self.state = HELD
+        self.redo = False  # a release was interrupted: a redo may find the key deleted already
         self.pid = os.getpid()
+        self.handle: Handle | None = None
 
     def __repr__(self) -> str:
-        return f"<redis lease {self.key!r} fence={self.fence}>"
+        return f"<redis lease {self.key!r} {_STATE_NAMES[self.state]}>"
 
 
 _INSTANCES: weakref.WeakSet[RedisBackend] = weakref.WeakSet()
@@ -186,6 +172,25 @@ def _redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+def _server(url: str) -> str:
+    """The server and database, spelled one way: ``redis://host:port/db`` (no user, password).
+
+    Part of every lock's location, which is its identity for re-entry: two spellings of one
+    URL (a default port, ``?db=``) must give one location.
+    """
+    from urllib.parse import parse_qs, urlsplit  # noqa: PLC0415
+
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    db = parse_qs(parts.query).get("db", ["0"])[0]
+    if scheme == "unix":
+        return f"unix://{parts.path}?db={db}"
+    host = parts.hostname or "localhost"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{parts.port or 6379}/{parts.path.strip('/') or db}"
+
+
 class RedisBackend:
     """Exclusive locks as Redis leases, renewed while held, with fencing tokens.
 
@@ -197,8 +202,11 @@ class RedisBackend:
             a holder paused for longer loses it. It is renewed every ttl/3.
         connect_timeout: seconds to wait for a connection before BackendUnavailableError.
 
-    Nothing connects until the first acquisition. `shared=True` is refused: use PostgreSQL.
+    Nothing connects until the first acquisition. There are no shared locks (a lease has one
+    holder): use PostgreSQL for shared=True.
     """
+
+    capabilities = frozenset((FENCING, LOSS))
 
     def __init__(
         self,
@@ -227,6 +235,11 @@ class RedisBackend:
         # Renewal gives up on a silent server well within the lease, to retry or call it lost.
         self._renew_timeout = max(0.05, min(self._connect_timeout, self._ttl / 3))
         self._display = _redact(url)
+        try:
+            self._server = _server(url)
+        except ValueError as exc:  # a port that is not a number
+            msg = f"RedisBackend cannot read the URL {self._display!r}: {exc}"
+            raise ValueError(msg) from None
         self._forget()
         _INSTANCES.add(self)
 
@@ -236,9 +249,10 @@ class RedisBackend:
         The parent's clients are dropped, not closed: redis-py shuts a socket down only in the
         process that opened it, so the parent's connections (and leases) are untouched.
         """
-        self._mutex = threading.Lock()
+        # Reentrant: a signal handler or finalizer may take or release a lock while this
+        # thread is inside one of the (short, call-free) sections it guards.
+        self._mutex = threading.RLock()
         self._wake = threading.Condition(self._mutex)
-        self._held: dict[tuple[str, object], _Lease] = {}  # (name, owner) -> lease
         self._renewing: set[_Lease] = set()
         self._thread: threading.Thread | None = None
         self._client: redis.Redis | None = None
@@ -250,16 +264,7 @@ class RedisBackend:
     def __repr__(self) -> str:
         return f"RedisBackend({self._display!r}, namespace={self._namespace!r}, ttl={self._ttl})"
 
-    # -- options, keys, messages ---------------------------------------------------------------
-
-    def validate(self, lock: ProcessLock) -> None:
-        """Refuse options this backend cannot honour (called when the lock is made)."""
-        if lock._op == _owners.SH:
-            msg = (
-                f"lock {lock.name!r}: the Redis backend has no shared locks (a lease has one "
-                "holder); use PostgreSQL (backend='postgresql://...') for shared=True"
-            )
-            raise _NoSharedLocksError(msg)
+    # -- keys, where ---------------------------------------------------------------------------
 
     def key(self, name: str) -> str:
         """The Redis key of the lease for the lock `name`."""
@@ -273,15 +278,9 @@ class RedisBackend:
         """The channel a release of `name` publishes on."""
         return f"{self._namespace}:chan:{name}"
 
-    def where(self, lock: ProcessLock, token: object | None) -> str:
+    def location(self, spec: LockSpec) -> str:
         """The server and key, e.g. "redis://127.0.0.1:6379/0 key 'proclock:lock:name'"."""
-        if token is not None:
-            return token.path  # type: ignore[attr-defined, no-any-return]
-        return f"{self._display} key {self.key(lock._label)!r}"
-
-    def fencing_token(self, token: object) -> int | None:
-        """The INCR-ed counter issued with this lease: strictly increasing per name."""
-        return token.fence  # type: ignore[attr-defined, no-any-return]
+        return f"{self._server} key {self.key(_name(spec))!r}"
 
     def _unavailable(self, exc: BaseException) -> BackendUnavailableError:
         return BackendUnavailableError(self._display, f"{type(exc).__name__}: {exc}")
@@ -299,26 +298,22 @@ class RedisBackend:
             client_name=f"proclock-{os.getpid()}",
         )
 
-    def _connect(self) -> tuple[redis.Redis, Any]:
+    def _connect(self) -> Any:
+        """The scripts (acquire, extend, release), on clients made at first use."""
         if self._pid != os.getpid():
             self._forget()  # forked without the at-fork hook (e.g. os.fork in C code)
-        client, scripts = self._client, self._scripts
-        if client is None or scripts is None:
-            with self._mutex:
-                if self._client is None:
-                    pool = self._pool(
-                        max(_COMMAND_TIMEOUT, self._connect_timeout), self._connect_timeout
-                    )
-                    client = redis.Redis(connection_pool=pool)
-                    self._scripts = tuple(
-                        client.register_script(s) for s in (_ACQUIRE, _EXTEND, _RELEASE)
-                    )
-                    renew = self._pool(self._renew_timeout, self._renew_timeout)
-                    self._renew_client = redis.Redis(connection_pool=renew)
-                    self._client = client
-                client, scripts = self._client, self._scripts
-        assert client is not None  # noqa: S101
-        return client, scripts
+        scripts = self._scripts
+        if scripts is not None:
+            return scripts
+        pool = self._pool(max(_COMMAND_TIMEOUT, self._connect_timeout), self._connect_timeout)
+        renew = self._pool(self._renew_timeout, self._renew_timeout)
+        client = redis.Redis(connection_pool=pool)
+        made = tuple(client.register_script(s) for s in (_ACQUIRE, _EXTEND, _RELEASE))
+        with self._mutex:
+            if self._scripts is None:  # else another thread won: ours are dropped unused
+                self._client, self._renew_client = client, redis.Redis(connection_pool=renew)
+                self._scripts = made
+            return self._scripts
 
     def _call(self, fn: Callable[[], _T]) -> tuple[_T, bool]:
         """fn(), retried once after a dropped connection; (result, whether it was retried).
@@ -355,188 +350,92 @@ class RedisBackend:
 
     # -- acquisition ---------------------------------------------------------------------------
 
-    def _reenter(self, lock: ProcessLock, owner: object) -> _Lease | None:
-        """Count a re-entry by an owner that holds `lock` already. Under _mutex."""
-        lease = self._held.get((lock._label, owner))
-        if lease is None:
-            return None
-        if not lock._reentrant:
-            kind = "thread" if isinstance(owner, int) else "task"
-            msg = (
-                f"{lock.name!r} ({lease.path}) is already held by this {kind} and "
-                "reentrant=False forbids taking it again; release it first, or pass reentrant=True"
-            )
-            raise ProcLockError(msg)
-        if lease.lost is not None:
-            raise lease.lost  # the outer hold is gone: the inner body must not run
-        lease.count += 1
-        if all(lk is not lock for lk in lease.locks):
-            lease.locks.append(lock)
-        return lease
+    def try_acquire(self, spec: LockSpec) -> Handle | None:
+        """One atomic SET NX + INCR with a token of its own: a handle, or None if held."""
+        won = self._try(_name(spec), secrets.token_hex(16))
+        return None if isinstance(won, int) else won
 
-    def try_now(self, lock: ProcessLock, owner: object) -> _Lease | None:
-        """Re-entry only (no network): `attempt` tries SET NX before it subscribes."""
-        with self._mutex:
-            return self._reenter(lock, owner)
+    def acquire(self, spec: LockSpec, deadline: float | None) -> Handle | None:
+        """Wait for the lease until `deadline` (monotonic; None: forever); None if it passed.
 
-    def _try(self, lock: ProcessLock, owner: object, token: str) -> _Lease | int:
-        """One atomic SET NX + INCR: the lease, or the holder's remaining PTTL in ms."""
-        _client, scripts = self._connect()
-        name = lock._label
-        key = self.key(name)
-        prefix, rest = self._value_parts(name, token)
-        sent = _clock()
-        try:
-            (fence, pttl), _ = self._call(
-                lambda: scripts[0](
-                    keys=[key, self.fence_key(name)], args=[prefix, rest, self._ttl_ms]
-                )
-            )
-        except KeyboardInterrupt:
-            # The SET may have won before the interrupt: give back whatever our token holds
-            # (else it would block everyone for a ttl).
-            with contextlib.suppress(RedisError, OSError):
-                scripts[2](keys=[key], args=[prefix, self.channel(name)])
-            raise
-        if not fence:
-            return int(pttl)
-        lease = _Lease(
-            name,
-            key,
-            f"{self._display} key {key!r}",
-            prefix,
-            int(fence),
-            owner,
-            lock,
-            sent,
-            self._ttl,
-        )
-        with self._mutex:
-            self._held[name, owner] = lease
-            self._renewing.add(lease)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._renewer, name="proclock-redis-renewal", daemon=True
-                )
-                self._thread.start()
-        if _log.isEnabledFor(_DEBUG):
-            _log.debug("acquired %r (%s) fence %d", name, key, lease.fence)
-        return lease
-
-    def _give_up(self, lock: ProcessLock, start: float, *, timed_out: bool) -> LockHeldError:
-        try:
-            holder = self.holder(lock, None)
-        except BackendUnavailableError:
-            holder = None
-        cls = LockTimeoutError if timed_out else LockHeldError
-        return cls(self.where(lock, None), lock.name, holder, _clock() - start)
-
-    def _pause(self, pttl: int, deadline: float | None) -> float:
-        """How long to sleep for a message: the holder's PTTL and the deadline at most.
-
-        A dead holder publishes nothing, hence the PTTL; a key without expiry (not proclock's)
-        is re-read each ttl.
+        Tries; if held, subscribes to the release channel, retries, and sleeps until a release
+        publishes, the holder's lease runs out or the deadline passes.
         """
-        wait = pttl / 1000 if pttl >= 0 else self._ttl
-        wait = max(wait, 0.001)
-        if deadline is not None:
-            wait = min(wait, deadline - _clock())
-        return wait
-
-    @staticmethod
-    def _confirm_by(deadline: float | None) -> float:
-        """When a SUBSCRIBE must have been confirmed: by the deadline, or a command timeout."""
-        end = _clock() + _COMMAND_TIMEOUT
-        return end if deadline is None else min(end, deadline)
-
-    def attempt(
-        self, lock: ProcessLock, owner: object, *, blocking: bool, timeout: float | None
-    ) -> _Lease | LockHeldError:
-        """One attempt: SET NX; if busy and allowed to wait, subscribe, retry, and sleep.
-
-        Each sleep lasts until a release publishes, the holder's lease runs out or the deadline.
-        """
-        with self._mutex:
-            lease = self._reenter(lock, owner)
-        if lease is not None:
-            return lease
-        start = _clock()
-        token = secrets.token_hex(16)
-        won = self._try(lock, owner, token)
-        if isinstance(won, _Lease):
+        name = _name(spec)
+        token = secrets.token_hex(16)  # one token for every try of this wait: `_try` is idempotent
+        won = self._try(name, token)
+        if not isinstance(won, int):
             return won
-        if not blocking or timeout == 0:
-            return self._give_up(lock, start, timed_out=False)
-        deadline = None if timeout is None else start + timeout
-        if _log.isEnabledFor(_DEBUG):
-            _log.debug("waiting for %r (%s)", lock.name, self.where(lock, None))
-        client, _ = self._connect()
-        pubsub = client.pubsub()  # type: ignore[no-untyped-call]
+        if deadline is not None and _clock() >= deadline:
+            return None
+        self._connect()
+        assert self._client is not None  # noqa: S101
+        pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
         try:
-            try:
-                pubsub.subscribe(self.channel(lock._label))
-                # Retry only once the server confirms the subscription: a release between our
-                # retry and the confirmation would otherwise publish to nobody.
-                end = self._confirm_by(deadline)
-                while True:
-                    left = end - _clock()
-                    if left <= 0:
-                        if deadline is not None and _clock() >= deadline:
-                            return self._give_up(lock, start, timed_out=True)
-                        raise self._unavailable(TimeoutError("no SUBSCRIBE confirmation"))
-                    message = pubsub.get_message(timeout=left)
-                    if message is not None and message["type"] == "subscribe":
-                        break
-            except (RedisError, OSError) as exc:
-                if isinstance(exc, BackendUnavailableError):
-                    raise
-                raise self._unavailable(exc) from exc
-            while True:
-                won = self._try(lock, owner, token)
-                if isinstance(won, _Lease):
-                    if _log.isEnabledFor(_DEBUG):
-                        _log.debug("acquired %r after %.6fs", lock.name, _clock() - start)
-                    return won
-                wait = self._pause(won, deadline)
-                if wait <= 0:
-                    return self._give_up(lock, start, timed_out=True)
-                try:
-                    pubsub.get_message(timeout=wait)
-                except (RedisError, OSError) as exc:
-                    raise self._unavailable(exc) from exc
-        finally:
-            pubsub.close()
+            handle = self._wait(pubsub, name, token, deadline)
+        except BaseException:
+            _close_quietly(pubsub)
+            raise
+        try:
+            _close_quietly(pubsub)
+        except BaseException:  # interrupted (Ctrl-C) before the handle reached the core
+            if handle is not None:
+                self.release(handle)
+            raise
+        return handle
 
-    async def attempt_async(
-        self, lock: ProcessLock, owner: object, *, blocking: bool, timeout: float | None
-    ) -> _Lease | LockHeldError:
-        """`attempt` for coroutines; the loop never blocks, cancellation leaves nothing held.
+    def _wait(self, pubsub: Any, name: str, token: str, deadline: float | None) -> Handle | None:
+        try:
+            pubsub.subscribe(self.channel(name))
+            # Retry only once the server confirms the subscription: a release between our
+            # retry and the confirmation would otherwise publish to nobody.
+            end = _confirm_by(deadline)
+            while True:
+                left = end - _clock()
+                if left <= 0:
+                    if deadline is not None and _clock() >= deadline:
+                        return None
+                    raise self._unavailable(TimeoutError("no SUBSCRIBE confirmation"))
+                message = pubsub.get_message(timeout=left)
+                if message is not None and message["type"] == "subscribe":
+                    break
+        except (RedisError, OSError) as exc:
+            if isinstance(exc, BackendUnavailableError):
+                raise
+            raise self._unavailable(exc) from exc
+        while True:
+            won = self._try(name, token)
+            if not isinstance(won, int):
+                return won
+            wait = self._pause(won, deadline)
+            if wait <= 0:
+                return None
+            try:
+                pubsub.get_message(timeout=wait)
+            except (RedisError, OSError) as exc:
+                raise self._unavailable(exc) from exc
+
+    async def acquire_async(self, spec: LockSpec, deadline: float | None) -> Handle | None:
+        """`acquire` for coroutines; the loop never blocks, cancellation leaves nothing held.
 
         Each SET NX runs in a worker thread on the shared connection pool (one pool for every
         thread and event loop; redis.asyncio pools are bound to one loop). A cancelled task
         waits for its in-flight try to finish and gives back what it won before it re-raises.
         Waiting is a redis.asyncio subscription of its own, which cancellation just closes.
         """
-        import asyncio  # noqa: PLC0415
-
-        with self._mutex:
-            lease = self._reenter(lock, owner)
-        if lease is not None:
-            return lease
-        start = _clock()
+        name = _name(spec)
         token = secrets.token_hex(16)
-        won = await self._try_async(lock, owner, token)
-        if isinstance(won, _Lease):
+        won = await self._try_async(name, token)
+        if not isinstance(won, int):
             return won
-        if not blocking or timeout == 0:
-            return await asyncio.to_thread(self._give_up, lock, start, timed_out=False)
-        deadline = None if timeout is None else start + timeout
-        return await self._wait_async(lock, owner, token, start, deadline)
+        if deadline is not None and _clock() >= deadline:
+            return None
+        return await self._wait_async(name, token, deadline)
 
-    async def _try_async(self, lock: ProcessLock, owner: object, token: str) -> _Lease | int:
+    async def _try_async(self, name: str, token: str) -> Handle | int:
         import asyncio  # noqa: PLC0415
 
-        future = asyncio.ensure_future(asyncio.to_thread(self._try, lock, owner, token))
+        future = asyncio.ensure_future(asyncio.to_thread(self._try, name, token))
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -550,25 +449,11 @@ class RedisBackend:
                     pass
             if not future.cancelled() and future.exception() is None:
                 won = future.result()
-                if isinstance(won, _Lease):
-                    await asyncio.shield(asyncio.to_thread(self._discard, won))
+                if not isinstance(won, int):
+                    await asyncio.shield(asyncio.to_thread(self.release, won))
             raise
 
-    def _discard(self, lease: _Lease) -> None:
-        """Give back a lease nobody will use (won by a cancelled task): errors are moot."""
-        try:
-            self.release(lease.locks[0], lease, lease.owner)
-        except (ProcLockError, OSError) as exc:
-            _log.debug("discarding %r after cancellation: %s", lease.name, exc)
-
-    async def _wait_async(
-        self,
-        lock: ProcessLock,
-        owner: object,
-        token: str,
-        start: float,
-        deadline: float | None,
-    ) -> _Lease | LockHeldError:
+    async def _wait_async(self, name: str, token: str, deadline: float | None) -> Handle | None:
         import asyncio  # noqa: PLC0415
 
         import redis.asyncio as aioredis  # noqa: PLC0415
@@ -579,127 +464,171 @@ class RedisBackend:
             socket_connect_timeout=self._connect_timeout,
             socket_timeout=max(_COMMAND_TIMEOUT, self._connect_timeout),
             retry=AsyncRetry(NoBackoff(), 0),
+            client_name=f"proclock-{os.getpid()}",
         )
         client = aioredis.Redis(connection_pool=pool)
         pubsub = client.pubsub()
+        handle = None
         try:
-            try:
-                await pubsub.subscribe(self.channel(lock._label))
-                end = self._confirm_by(deadline)
-                while True:  # the confirmation first, as in `attempt`
-                    left = end - _clock()
-                    if left <= 0:
-                        if deadline is not None and _clock() >= deadline:
-                            return await asyncio.to_thread(
-                                self._give_up, lock, start, timed_out=True
-                            )
-                        raise self._unavailable(TimeoutError("no SUBSCRIBE confirmation"))
-                    message = await pubsub.get_message(timeout=left)
-                    if message is not None and message["type"] == "subscribe":
-                        break
-            except (RedisError, OSError) as exc:
-                if isinstance(exc, BackendUnavailableError):
-                    raise
-                raise self._unavailable(exc) from exc
-            while True:
-                won = await self._try_async(lock, owner, token)
-                if isinstance(won, _Lease):
-                    return won
-                wait = self._pause(won, deadline)
-                if wait <= 0:
-                    return await asyncio.to_thread(self._give_up, lock, start, timed_out=True)
-                try:
-                    await pubsub.get_message(timeout=wait)
-                except (RedisError, OSError) as exc:
-                    raise self._unavailable(exc) from exc
+            handle = await self._wait_subscribed(pubsub, name, token, deadline)
         finally:
-            await asyncio.shield(self._close_async(pubsub, client, pool))
+            try:
+                # Shielded: a cancellation must not leave the subscription's connection open.
+                await asyncio.shield(_close_async(pubsub, client, pool))
+            except BaseException:  # cancelled while closing: the lease won must not be kept
+                if handle is not None:
+                    await asyncio.shield(asyncio.to_thread(self.release, handle))
+                raise
+        return handle
 
-    @staticmethod
-    async def _close_async(pubsub: Any, client: Any, pool: Any) -> None:
+    async def _wait_subscribed(
+        self, pubsub: Any, name: str, token: str, deadline: float | None
+    ) -> Handle | None:
         try:
-            await pubsub.aclose()
-            await client.aclose()
-            await pool.aclose()
+            await pubsub.subscribe(self.channel(name))
+            end = _confirm_by(deadline)
+            while True:  # the confirmation first, as in `_wait`
+                left = end - _clock()
+                if left <= 0:
+                    if deadline is not None and _clock() >= deadline:
+                        return None
+                    raise self._unavailable(TimeoutError("no SUBSCRIBE confirmation"))
+                message = await pubsub.get_message(timeout=left)
+                if message is not None and message["type"] == "subscribe":
+                    break
         except (RedisError, OSError) as exc:
-            _log.debug("closing a Redis subscription: %s", exc)
+            if isinstance(exc, BackendUnavailableError):
+                raise
+            raise self._unavailable(exc) from exc
+        while True:
+            won = await self._try_async(name, token)
+            if not isinstance(won, int):
+                return won
+            wait = self._pause(won, deadline)
+            if wait <= 0:
+                return None
+            try:
+                await pubsub.get_message(timeout=wait)
+            except (RedisError, OSError) as exc:
+                raise self._unavailable(exc) from exc
+
+    def _try(self, name: str, token: str) -> Handle | int:
+        """One atomic SET NX + INCR: the handle, or the holder's remaining PTTL in ms."""
+        scripts = self._connect()
+        key = self._key_and_fence(name)
+        prefix, rest = self._value_parts(name, token)
+        lease = None
+        sent = _clock()
+        try:
+            (fence, pttl), _ = self._call(
+                lambda: scripts[0](keys=key, args=[prefix, rest, self._ttl_ms])
+            )
+            if not fence:
+                return int(pttl)
+            lease = _Lease(key[0], self.channel(name), prefix, sent, self._ttl)
+            handle = Handle(
+                f"{self._server} key {key[0]!r}",
+                fencing_token=int(fence),
+                shared=False,
+                private=lease,
+            )
+            lease.handle = handle
+            self._track(lease)
+        except BackendUnavailableError:
+            raise
+        except BaseException:
+            # Interrupted (Ctrl-C) after the SET may have won: give back whatever our token
+            # holds, else it would block everyone for a ttl (or, renewed, forever).
+            if lease is not None:
+                with self._mutex:
+                    lease.state = RELEASED
+                    self._renewing.discard(lease)
+            with contextlib.suppress(RedisError, OSError):
+                scripts[2](keys=[key[0]], args=[prefix, self.channel(name)])
+            raise
+        return handle
+
+    def _key_and_fence(self, name: str) -> list[str]:
+        return [self.key(name), self.fence_key(name)]
+
+    def _pause(self, pttl: int, deadline: float | None) -> float:
+        """How long to sleep for a message: the holder's PTTL and the deadline at most.
+
+        A dead holder publishes nothing, hence the PTTL; a key without expiry (not proclock's)
+        is re-read each ttl.
+        """
+        wait = pttl / 1000 if pttl >= 0 else self._ttl
+        wait = max(wait, 0.001)
+        if deadline is not None:
+            wait = min(wait, deadline - _clock())
+        return wait
 
     # -- release -------------------------------------------------------------------------------
 
-    def release(self, lock: ProcessLock, token: object, owner: object) -> None:  # noqa: ARG002
-        """Give back one hold; the last one deletes the key if (and only if) it is still ours.
+    def release(self, handle: Handle) -> None:
+        """Delete the key if (and only if) it still holds our token, and publish the release.
 
-        Raises:
-            LockLostError: the lease was lost while held (then nothing of another holder's is
-                touched).
+        Idempotent: a second call does nothing. A lease found lost here is reported to the
+        core (`report_lost`), which raises LockLostError; nothing of another holder's is
+        touched. Nothing is done in a forked child: the lease is its parent's.
         """
-        lease: _Lease = token  # type: ignore[assignment]
+        lease: _Lease = handle.private
         with self._mutex:
-            if lease.released:
+            state = lease.state
+            if state in (RELEASING, RELEASED):
                 return
-            if lease.count > 1:
-                lease.count -= 1
-                lost = lease.lost
-            else:
-                lease.count, lease.released, lost = 0, True, lease.lost
-                if self._held.get((lease.name, owner)) is lease:
-                    del self._held[lease.name, owner]
-                self._renewing.discard(lease)
-        if lease.count:
-            if lost is not None:
-                raise lost
-            return
+            lease.state = RELEASING
+            self._renewing.discard(lease)
         if lease.pid != os.getpid():
-            return  # a forked child holds nothing of its parent's
+            lease.state = RELEASED
+            return
         try:
-            _client, scripts = self._connect()
+            scripts = self._connect()
             result, retried = self._call(
-                lambda: scripts[2](keys=[lease.key], args=[lease.prefix, self.channel(lease.name)])
+                lambda: scripts[2](keys=[lease.key], args=[lease.prefix, lease.channel])
             )
         except BackendUnavailableError as exc:
-            if lost is not None:
-                raise lost from None
+            lease.state = RELEASED
+            if state == LOST:
+                return
             if _clock() < lease.expires:
                 # Held (proven) until now, so the work was protected; the key expires by itself.
                 import logging  # noqa: PLC0415
 
                 logging.getLogger("proclock").warning(
-                    "could not release %r, its lease expires in the ttl: %s", lease.name, exc
+                    "could not release %s, its lease expires within the ttl: %s",
+                    handle.location,
+                    exc,
                 )
                 return
-            error = LockLostError(
-                lease.path,
-                lease.name,
-                f"Redis unreachable past the lease's end ({exc.reason})",
-                lease.fence,
-            )
-            self._notify(lease, error)
-            raise error from exc
-        if lost is not None:
-            raise lost
-        if result == 1 or (result == 0 and retried and _clock() < lease.expires):
-            # (0 after a retry: the first try deleted it before the connection dropped.)
-            if _log.isEnabledFor(_DEBUG):
-                _log.debug("released %r (%s)", lease.name, lease.key)
+            _core.report_lost(handle, f"Redis unreachable past the lease's end ({exc.reason})")
             return
-        error = LockLostError(
-            lease.path, lease.name, _TAKEN if result == -1 else _GONE, lease.fence
-        )
-        self._notify(lease, error)
-        raise error
-
-    def _notify(self, lease: _Lease, error: LockLostError) -> None:
-        """Record the loss and tell every ProcessLock holding through this lease."""
-        with self._mutex:
-            if lease.lost is not None:
-                return
-            lease.lost = error
-            self._renewing.discard(lease)
-            locks = list(lease.locks)
-        for lock in locks:
-            lock._lost(error)
+        except BaseException:
+            lease.state, lease.redo = state, True  # interrupted (Ctrl-C): the core redoes it
+            raise
+        lease.state = RELEASED
+        if result == 1 or state == LOST:
+            return
+        if result == 0 and (retried or lease.redo) and _clock() < lease.expires:
+            return  # an earlier try deleted it before its connection dropped or was interrupted
+        _core.report_lost(handle, _TAKEN if result == -1 else _GONE)
 
     # -- renewal -------------------------------------------------------------------------------
+
+    def _track(self, lease: _Lease) -> None:
+        """Have the renewal thread extend `lease` each ttl/3 from now on."""
+        with self._wake:
+            idle = not self._renewing
+            self._renewing.add(lease)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._renewer, name="proclock-redis-renewal", daemon=True
+                )
+                self._thread.start()
+            elif idle:
+                # It waits _IDLE_EXIT for work: wake it, or this lease is not renewed in time.
+                # (Otherwise it waits for an earlier due time than this lease's: no need.)
+                self._wake.notify()
 
     def _renewer(self) -> None:
         """Extend every held lease each ttl/3 (one thread per backend and process)."""
@@ -735,7 +664,7 @@ class RedisBackend:
             failure = exc
         now = _clock()
         with self._mutex:
-            if lease.released or lease.lost is not None:
+            if lease.state != HELD:
                 return
             if result == 1:
                 lease.expires, lease.due = sent + self._ttl, sent + self._ttl / 3
@@ -744,18 +673,24 @@ class RedisBackend:
                 # Not reachable now: retry within what is left of the lease.
                 lease.due = min(now + max(0.01, self._ttl / 20), lease.expires)
                 return
+            lease.state = LOST
+            self._renewing.discard(lease)
         if failure is not None:
             reason = f"Redis could not be reached to renew the lease before it ran out ({failure})"
         else:
             reason = _TAKEN if result == -1 else _GONE
-        self._notify(lease, LockLostError(lease.path, lease.name, reason, lease.fence))
+        assert lease.handle is not None  # noqa: S101
+        _core.report_lost(lease.handle, reason)
 
     # -- holder --------------------------------------------------------------------------------
 
-    def holder(self, lock: ProcessLock, token: object | None) -> Holder | None:
+    def holder(self, spec: LockSpec) -> Holder | None:
         """Who holds the lease now, from the JSON its holder stored; None if it is free."""
-        client, _ = self._connect()
-        key = token.key if token is not None else self.key(lock._label)  # type: ignore[attr-defined]
+        name = _name(spec)
+        self._connect()
+        client = self._client
+        assert client is not None  # noqa: S101
+        key = self.key(name)
         raw, _ = self._call(lambda: client.get(key))
         if raw is None:
             return None
@@ -764,7 +699,7 @@ class RedisBackend:
         except (ValueError, UnicodeDecodeError):
             meta = None
         if not isinstance(meta, dict):
-            return Holder(None, name=lock.name)  # a value not written by proclock
+            return Holder(None, name=name)  # a value not written by proclock
 
         def typed(field: str, kind: type | tuple[type, ...]) -> Any:
             value = meta.get(field)
@@ -779,3 +714,32 @@ class RedisBackend:
             False,  # noqa: FBT003
             typed("name", str),
         )
+
+
+def _name(spec: LockSpec) -> str:
+    name = spec.name
+    if name is None:
+        msg = f"the Redis backend locks names, not files: {spec.label!r} was given as path="
+        raise ValueError(msg)
+    return name
+
+
+def _confirm_by(deadline: float | None) -> float:
+    """When a SUBSCRIBE must have been confirmed: by the deadline, or a command timeout."""
+    end = _clock() + _COMMAND_TIMEOUT
+    return end if deadline is None else min(end, deadline)
+
+
+def _close_quietly(pubsub: Any) -> None:
+    # The server went away: the socket is closed all the same.
+    with contextlib.suppress(RedisError, OSError):
+        pubsub.close()
+
+
+async def _close_async(pubsub: Any, client: Any, pool: Any) -> None:
+    try:
+        await pubsub.aclose()
+        await client.aclose()
+        await pool.aclose()
+    except (RedisError, OSError):  # the server went away: the sockets are closed all the same
+        pass
