@@ -475,6 +475,36 @@ def test_unreachable_server_raises_backend_unavailable_promptly():
         ProcessLock("down", backend=backend, blocking=False).acquire()
 
 
+def test_a_server_that_stops_answering_as_a_task_subscribes_ends_the_wait_on_time(private_redis):
+    # The subscription's connection has no socket_timeout (see the test below): each of its
+    # round trips is bounded by the backend. SIGSTOP: connections are still accepted (the
+    # kernel's backlog), nothing is answered.
+    url, server = private_redis
+    backend = RedisBackend(url, ttl=30)
+    spec = ProcessLock("silent", backend=backend).spec
+    holding = backend.try_acquire(spec)
+
+    def stopping(real):
+        def script(*args, **kwargs):
+            result = real(*args, **kwargs)
+            if not result[0]:  # the waiter's try, which lost: silence before it subscribes
+                os.kill(server.pid, signal.SIGSTOP)
+            return result
+
+        return script
+
+    _patch_script(backend, 0, stopping)
+    start = time.monotonic()
+    try:
+        handle = asyncio.run(backend.acquire_async(spec, start + 0.5))
+        waited = time.monotonic() - start
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    assert handle is None  # a timeout at its deadline, not the 5 s of a command nor a hang
+    assert 0.4 < waited < 1.5
+    backend.release(holding)
+
+
 def test_a_release_that_cannot_reach_redis_within_the_lease_warns_and_is_not_lost(
     private_redis, caplog
 ):
@@ -590,6 +620,67 @@ def test_cancelling_while_a_winning_set_is_in_flight_gives_it_back(backend, admi
     assert int(admin.get(f"{ns}:fence:cancel")) == 1  # the SET won after the cancellation
     assert not admin.exists(f"{ns}:lock:cancel")  # and was given back
     assert backend._renewing == set()
+
+
+def test_cancelling_a_task_as_its_subscribe_is_sent_is_never_lost(url, ns, admin):
+    # Regression: with a socket_timeout, redis-py sends through asyncio.wait_for, which on
+    # Python < 3.12 drops a cancellation that arrives in the loop step its send completed
+    # (CPython gh-86296): 10-15% of cancellations went on waiting, and were granted the lock
+    # once the holder released it. Cancelling the moment the server counts the SUBSCRIBE
+    # (checked from the loop's own thread, before the waiting task resumes) hits that step.
+    # Odd rounds wait forever, even ones with a timeout (a lost one would time out later).
+    backend = RedisBackend(url, namespace=ns, ttl=30)  # a lost cancellation waits, not retries
+    lock = ProcessLock("sub", backend=backend)
+    channel, key, fence = f"{ns}:chan:sub", f"{ns}:lock:sub", f"{ns}:fence:sub"
+    holding = backend.try_acquire(lock.spec)  # another owner: a token of its own
+    token = _token_of(admin, key)
+
+    def subscribers():
+        return admin.pubsub_numsub(channel)[0][1]
+
+    async def until(condition, what):
+        deadline = time.monotonic() + 10
+        while not condition():
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {what}")
+            await asyncio.sleep(0)  # one loop step: the waiting task runs between checks
+
+    async def main():
+        for round_ in range(1, 101):
+            await until(lambda: subscribers() == 0, "the last round's connection to close")
+            timeout = None if round_ % 2 else 30.0
+            task = asyncio.create_task(lock.acquire_async(timeout=timeout))
+            await until(lambda: subscribers() == 1, "the waiter's SUBSCRIBE")
+            task.cancel()
+            done, _ = await asyncio.wait([task], timeout=2)
+            if done and task.cancelled():
+                continue
+            # Lost: free the lock so that the wait ends; is the cancelled task granted it?
+            backend.release(holding)
+            await asyncio.wait([task], timeout=10)
+            if not task.done():
+                outcome = "still waiting"
+            elif task.cancelled():
+                outcome = "cancelled only once the holder released"
+            elif task.exception() is not None:
+                outcome = repr(task.exception())
+            else:
+                task.result().release()
+                outcome = "granted the lock once the holder released it"
+            return f"round {round_}: the cancellation was lost; the task was then {outcome}"
+        return None
+
+    start = time.monotonic()
+    try:
+        lost = asyncio.run(main())
+        assert lost is None, lost
+        assert _token_of(admin, key) == token  # still the holder's
+        assert int(admin.get(fence)) == 1  # no cancelled task ever won the SET
+        assert not lock.locked
+    finally:
+        backend.release(holding)
+    assert not admin.exists(key)
+    assert time.monotonic() - start < 5
 
 
 # -- processes -------------------------------------------------------------------------------

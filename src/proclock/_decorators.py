@@ -37,6 +37,7 @@ _CO_ITERABLE_COROUTINE = 0x100
 _CO_ASYNC_GENERATOR = 0x200
 _OUTCOMES = ("raise", "skip", "exit")
 _CACHE_MAX = 1024
+_HELD = _core.HELD
 
 
 def _code_flags(func: Any) -> int:
@@ -248,29 +249,21 @@ def _decorate(func: Any, spec: _Spec) -> Any:
                 try:
                     return await wrapped(*args, **kwargs)
                 finally:
-                    give(hold)
+                    count = hold.count
+                    try:
+                        give(hold)
+                    except BaseException:
+                        if hold.count == count and hold.state == _HELD:
+                            give(hold)  # Ctrl-C at give()'s first instruction: redo it
+                        raise
 
             return call()
 
-    elif namer.fixed is not None:
-        # One lock for every call: its spec, backend and on_lost are read once, here. The
-        # call itself goes through the core exactly as every other kind does.
-        spec_, backend, on_lost = namer.fixed._spec, namer.fixed._backend, namer.fixed._on_lost  # noqa: SLF001
-
-        def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:  # noqa: ARG001
-            try:
-                hold = take(spec_, backend, current_owner(), on_lost, describe=describe)
-            except LockHeldError as error:
-                return spec.contended(error)
-            try:
-                return wrapped(*args, **kwargs)
-            finally:
-                give(hold)
-
     else:
+        fixed = namer.fixed
 
         def wrapper(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:  # noqa: ARG001
-            lock = namer.lock_for(name, wrapped, args, kwargs)
+            lock = fixed if fixed is not None else namer.lock_for(name, wrapped, args, kwargs)
             try:
                 hold = take(
                     lock._spec,  # noqa: SLF001
@@ -284,7 +277,13 @@ def _decorate(func: Any, spec: _Spec) -> Any:
             try:
                 return wrapped(*args, **kwargs)
             finally:
-                give(hold)
+                count = hold.count
+                try:
+                    give(hold)
+                except BaseException:
+                    if hold.count == count and hold.state == _HELD:
+                        give(hold)  # Ctrl-C at give()'s first instruction: redo it
+                    raise
 
     return _wrapper_class()(func, wrapper)
 
@@ -314,7 +313,13 @@ def _locked_generator(lock: ProcessLock, spec: _Spec, gen: Any) -> Any:
         try:
             gen.close()
         finally:
-            _core.give(hold)
+            count = hold.count
+            try:
+                _core.give(hold)
+            except BaseException:
+                if hold.count == count and hold.state == _HELD:
+                    _core.give(hold)  # Ctrl-C at give()'s first instruction: redo it
+                raise
 
 
 async def _locked_async_generator(lock: ProcessLock, spec: _Spec, agen: Any) -> Any:
@@ -350,7 +355,13 @@ async def _locked_async_generator(lock: ProcessLock, spec: _Spec, agen: Any) -> 
         try:
             await agen.aclose()
         finally:
-            _core.give(hold)
+            count = hold.count
+            try:
+                _core.give(hold)
+            except BaseException:
+                if hold.count == count and hold.state == _HELD:
+                    _core.give(hold)  # Ctrl-C at give()'s first instruction: redo it
+                raise
 
 
 def _build(

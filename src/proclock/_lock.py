@@ -164,7 +164,9 @@ class ProcessLock:
             raise TypeError(msg)
         self._spec, self._backend, self._on_lost = spec, chosen, on_lost
         self._entries: list[Acquired] = []  # holds taken through this object, oldest first
-        self._stale = 0  # holds of a parent process (or handed to a child): releases are no-ops
+        # Owners of holds that ended without a release through this object (taken by the parent
+        # of this forked process, or handed to a child): their release() does nothing.
+        self._stale: list[object] = []
 
     @classmethod
     def _from_spec(
@@ -173,7 +175,7 @@ class ProcessLock:
         lock = object.__new__(cls)
         lock._spec, lock._backend, lock._on_lost = spec, backend, on_lost
         lock._entries = []
-        lock._stale = 0
+        lock._stale = []
         return lock
 
     # -- what and where --------------------------------------------------------------------
@@ -218,9 +220,11 @@ class ProcessLock:
         entries = self._entries
         if entries and not all(e.held for e in entries):
             live = [e for e in entries if e.held]
-            # Holds that ended without a release through this object: taken by the parent of
-            # this forked process, or handed to a child. Their release() does nothing.
-            self._stale += sum(1 for e in entries if e._hold.state != _core.RELEASED)  # noqa: SLF001
+            self._stale.extend(
+                e._hold.key[1]  # noqa: SLF001
+                for e in entries
+                if not e.held and e._hold.state != _core.RELEASED  # noqa: SLF001
+            )
             self._entries = entries = live
         return entries
 
@@ -332,57 +336,63 @@ class ProcessLock:
             ProcLockError: nothing to release.
             LockLostError: the hold was lost while held (network backends).
         """
+        owner = _core.current_owner()
         entries = self._entries
         if entries:  # the common case: the innermost hold, by its owner
             entry = entries[-1]
             hold = entry._hold  # noqa: SLF001
-            if (
-                hold.state == _core.HELD
-                and hold.gen == _core.generation
-                and hold.key[1] == _core.current_owner()
-            ):
-                try:
-                    _core.give(hold)
-                finally:
-                    if entries and entries[-1] is entry:
-                        entries.pop()
-                    elif entry in entries:
-                        entries.remove(entry)
+            if hold.state == _core.HELD and hold.gen == _core.generation and hold.key[1] == owner:
+                self._give(entry)
                 return
         live = self._live()
+        for entry in reversed(live):
+            if entry._hold.key[1] == owner:  # noqa: SLF001
+                self._give(entry)
+                return
+        stale = self._stale
+        if owner in stale:
+            stale.remove(owner)  # its hold was the parent's (this process forked since)
+            return
         if not live:
-            if self._stale:
-                self._stale -= 1  # a hold of the parent of this forked process, or handed over
+            if stale:
+                stale.pop()  # a hold of the parent of this forked process, or handed over
                 return
             msg = f"release of {self.name!r}, which this ProcessLock does not hold"
             raise ProcLockError(msg)
-        owner = _core.current_owner()
-        for entry in reversed(live):
-            if entry._hold.owner == owner:  # noqa: SLF001
-                break
-        else:
-            if len(live) != 1:
-                msg = (
-                    f"release of {self.name!r} by a thread or task that does not hold it "
-                    "through this ProcessLock"
-                )
-                raise ProcLockError(msg)
-            entry = live[0]
-        self._release_entry(entry)
+        if len(live) != 1:
+            msg = (
+                f"release of {self.name!r} by a thread or task that does not hold it "
+                "through this ProcessLock"
+            )
+            raise ProcLockError(msg)
+        self._give(live[0])  # the only hold: released on its owner's behalf (as threading.Lock)
 
     def _release_entry(self, entry: Acquired) -> None:
+        """Release exactly this hold (`Acquired.release`, its `with` block's end)."""
         if entry not in self._entries:
-            if entry._hold.gen != _core.generation or entry._hold.state == _core.GONE:  # noqa: SLF001
+            hold = entry._hold  # noqa: SLF001
+            if hold.gen != _core.generation or hold.state == _core.GONE:
                 return
             msg = f"this hold of {self.name!r} was released already"
             raise ProcLockError(msg)
+        self._give(entry)
+
+    def _give(self, entry: Acquired) -> None:
+        """Give back the entry's hold, then forget the entry; robust to Ctrl-C at any point."""
+        hold = entry._hold  # noqa: SLF001
+        count = hold.count
         try:
-            _core.give(entry._hold)  # noqa: SLF001
+            _core.give(hold)
+        except BaseException:
+            if hold.count == count and hold.state == _core.HELD:
+                _core.give(hold)  # interrupted before give() began: give it back all the same
+            raise
         finally:
-            try:  # noqa: SIM105  (contextlib costs import time)
-                self._entries.remove(entry)
-            except ValueError:  # removed by another thread meanwhile
-                pass
+            entries = self._entries
+            if entries and entries[-1] is entry:
+                entries.pop()
+            elif entry in entries:
+                entries.remove(entry)
 
     def transfer_on_fork(self) -> Self:
         """Hand this held lock to the child at the next os.fork() (for daemonizing).

@@ -55,23 +55,37 @@ def file_name(name: str) -> str:
     return result
 
 
-def main_module_name(*, program: bool = False) -> str | None:
+def main_module_name(*, program: bool = False, namespace: Any = None) -> str | None:
     """The `-m` module name of `__main__`, else the script's absolute path.
 
     With `program=True`, `pkg.__main__` (what `python -m pkg` runs) names the program `pkg`.
+    `namespace` is the main script's globals when known (a function's `__globals__`): in a
+    `multiprocessing` spawn or forkserver child the script runs as `__mp_main__` while
+    `sys.modules["__main__"]` is still the bootstrap's, which knows neither.
     """
-    main = sys.modules.get("__main__")
-    if main is None:
-        return None
-    spec = getattr(main, "__spec__", None)
+    if namespace is not None:
+        spec, file = namespace.get("__spec__"), namespace.get("__file__")
+    else:
+        main = sys.modules.get("__main__")
+        if main is None:
+            return None
+        spec, file = getattr(main, "__spec__", None), getattr(main, "__file__", None)
     spec_name = getattr(spec, "name", None)
     if isinstance(spec_name, str) and spec_name:
         # `python -m pkg` runs `pkg.__main__`; the program is `pkg`. A function's derived
         # name keeps `pkg.__main__`, the module it would have if imported.
         return spec_name.removesuffix(".__main__") if program else spec_name
-    file = getattr(main, "__file__", None)
     if isinstance(file, str) and file:
         return os.path.abspath(file)
+    return None
+
+
+def _main_globals(func: Any) -> Any:
+    """The globals of a function defined in the main script (run as __main__ or __mp_main__)."""
+    if getattr(func, "__module__", None) in _MAIN_MODULES:
+        namespace = getattr(func, "__globals__", None)
+        if isinstance(namespace, dict):
+            return namespace
     return None
 
 
@@ -87,15 +101,16 @@ def derived_name(func: Any) -> str:
             qualname, "a lambda has no name to derive a lock from; pass name= explicitly"
         )
     if module in _MAIN_MODULES or module is None:
-        # multiprocessing's spawn and forkserver children import the main script as
-        # `__mp_main__`: it must derive the same name as the parent, or they exclude nobody.
-        module = main_module_name() or "__main__"
+        # multiprocessing's spawn and forkserver children run the main script as `__mp_main__`:
+        # it must derive the same name as the parent, or they exclude nobody.
+        module = main_module_name(namespace=_main_globals(func)) or "__main__"
     return f"{module}.{qualname}"
 
 
 def program_name(func: Any) -> str:
     """The name `singleton_process` uses: the program, not the decorated function."""
-    return main_module_name(program=True) or derived_name(func)
+    namespace = _main_globals(getattr(func, "__func__", func))
+    return main_module_name(program=True, namespace=namespace) or derived_name(func)
 
 
 def is_lock_file_name(base: str) -> bool:

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     Located = tuple[str, str | None, str]
 
 IDLE_PER_FILE = 4  # idle descriptions kept per lock file
-IDLE_MAX = 256  # idle descriptions kept in all
+IDLE_MAX = 256  # idle descriptions kept in all (and at most 1/8 of RLIMIT_NOFILE's soft limit)
 PARKED_MAX = 64  # helper threads blocked in flock(2) at once, per process
 HELPERS_IDLE = 4  # helper threads kept for reuse when none is needed
 RECORD_REFRESH = 1.0  # seconds: the resolution of a record's acquired_at
@@ -166,6 +166,7 @@ _open_lock = threading.RLock()
 _claim_lock = threading.Lock()
 _files: dict[str, _File] = {}
 _idle_total = 0
+_idle_limit: int | None = None  # IDLE_MAX bounded by RLIMIT_NOFILE, read once when first needed
 
 
 def _claim(path: str, attempt: Owner) -> _Desc | None:
@@ -196,7 +197,13 @@ def _open(path: str, mode: int, located: Located | None, owner: Owner | _Parked)
         else:
             _dirs.vet(directory, kind)
     with _open_lock:
-        fd, st, _created = _flock.open_lock_file(path, mode)
+        try:
+            fd, st, _created = _flock.open_lock_file(path, mode)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            _evict(0)  # out of descriptors: our idle ones go first, then try once more
+            fd, st, _created = _flock.open_lock_file(path, mode)
         try:
             magic = _flock.mark(fd)
             file = _files.get(path)
@@ -248,15 +255,22 @@ def _put_back(desc: _Desc, owner: object) -> None:
         desc.state = IDLE
         file.idle += 1
         _idle_total += 1
-    if _idle_total > IDLE_MAX:
-        _evict()
+    limit = _idle_limit if _idle_limit is not None else _idle_cap()
+    if _idle_total > limit:
+        _evict(limit)
 
 
-def _evict() -> None:
-    """Close idle descriptions, the longest-known files' first, until within IDLE_MAX."""
+def _evict(keep: int | None = None) -> None:
+    """Close idle descriptions, the longest-known files' first, until `keep` are left.
+
+    `keep` defaults to the bound: IDLE_MAX, and never more than an eighth of the soft
+    RLIMIT_NOFILE (a process allowed 256 descriptors keeps at most 32 idle ones).
+    """
     global _idle_total  # noqa: PLW0603
+    if keep is None:
+        keep = _idle_limit if _idle_limit is not None else _idle_cap()
     for file in list(_files.values()):
-        if _idle_total <= IDLE_MAX:
+        if _idle_total <= keep:
             return
         for desc in list(file.descs):
             token = _Attempt()
@@ -268,6 +282,17 @@ def _evict() -> None:
                 file.idle -= 1
                 _idle_total -= 1
             _close(desc, token)
+
+
+def _idle_cap() -> int:
+    """IDLE_MAX, but never more than an eighth of the soft RLIMIT_NOFILE (read once)."""
+    global _idle_limit  # noqa: PLW0603
+    import resource  # noqa: PLC0415  (a C module: cheap; read once)
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = IDLE_MAX if soft == resource.RLIM_INFINITY else max(1, min(IDLE_MAX, soft // 8))
+    _idle_limit = cap
+    return cap
 
 
 def _discard(desc: _Desc | None, owner: object) -> None:
@@ -656,6 +681,7 @@ class _Parked:
         "error",
         "granted",
         "key",
+        "loop",
         "mode",
         "mutex",
         "notify",
@@ -663,10 +689,13 @@ class _Parked:
         "private",
         "st",
         "state",
+        "taken",
     )
 
-    def __init__(self, key: tuple[str, int], mode: int, notify: Callable[[], None]) -> None:
-        self.key, self.mode = key, mode
+    def __init__(
+        self, key: tuple[str, int], mode: int, notify: Callable[[], None], loop: Any
+    ) -> None:
+        self.key, self.mode, self.loop = key, mode, loop  # loop: an async waiter's, else None
         self.private: _Desc | None = None  # its description (as a Handle's `private`)
         self.mutex = threading.Lock()
         self.state = WAITING
@@ -675,6 +704,8 @@ class _Parked:
         self.picked = False
         self.granted = False  # flock(2) returned: the kernel granted it (verified or not)
         self.st: os.stat_result | None = None  # fstat of the verified grant
+        # An async waiter's grant: released when the task takes it (see _watch_grant).
+        self.taken: threading.Lock | None = None
 
 
 _park_lock = threading.RLock()
@@ -690,7 +721,7 @@ def parked_waits() -> int:
     return _in_kernel
 
 
-def _adopt(key: tuple[str, int], notify: Callable[[], None], attempt: _Attempt) -> bool:
+def _adopt(key: tuple[str, int], notify: Callable[[], None], attempt: _Attempt, loop: Any) -> bool:
     """Adopt an abandoned parked wait of the same file and mode (recorded in `attempt`)."""
     with _park_lock:
         waits = _parked.get(key)
@@ -702,6 +733,7 @@ def _adopt(key: tuple[str, int], notify: Callable[[], None], attempt: _Attempt) 
                 if parked.state == ABANDONED:
                     parked.state = WAITING
                     parked.notify = notify
+                    parked.loop = loop
                     attempt.parked = parked
                     return True
     return False
@@ -810,10 +842,14 @@ def _wait_in_kernel(parked: _Parked) -> None:
 
 def _hand_over(parked: _Parked) -> None:
     """Granted: tell the waiter, or (nobody wants it any more) unlock at once."""
+    taken = threading.Lock() if parked.loop is not None else None
+    if taken is not None:
+        taken.acquire()
     with parked.mutex:
         wanted = parked.state == WAITING
         parked.state = GRANTED if wanted else DONE
-        notify = parked.notify
+        parked.taken = taken
+        notify, loop = parked.notify, parked.loop
     if wanted:
         _unpark(parked)  # the waiter holds it now, as any holder does
         try:
@@ -825,6 +861,8 @@ def _hand_over(parked: _Parked) -> None:
                     wanted = False
         if not wanted:
             _discard(parked.private, parked)
+        elif taken is not None:
+            _watch_grant(parked, taken, loop)
         return
     try:
         _discard(parked.private, parked)  # a grant nobody wants: unlock at once
@@ -832,14 +870,47 @@ def _hand_over(parked: _Parked) -> None:
         _unpark(parked)
 
 
+def _watch_grant(parked: _Parked, taken: threading.Lock, loop: Any) -> None:
+    """Until the task takes its grant: if its event loop is closed first, give it back.
+
+    A grant is announced to a task by a callback queued on its loop; a loop closed before it
+    runs the callback drops it, and the task (which may well be alive, referenced by whoever
+    created it) never resumes. Normally the task takes the grant within microseconds and this
+    returns at once; only a loop that does not run looks at is_closed(), at growing intervals.
+    """
+    pause = 0.01
+    while not taken.acquire(timeout=pause):
+        with parked.mutex:
+            if parked.state != GRANTED:
+                return
+            closed = loop.is_closed()
+            if closed:
+                parked.state = DONE
+        if closed:
+            _discard(parked.private, parked)
+            return
+        pause = min(pause * 2, 1.0)
+
+
+def _took(parked: _Parked) -> None:
+    """The waiter took (or gave up) its grant: the helper watching it may go."""
+    taken = parked.taken
+    if taken is not None:
+        taken.release()
+
+
 def _start_parked(
-    spec: LockSpec, located: Located, notify: Callable[[], None], attempt: _Attempt
+    spec: LockSpec,
+    located: Located,
+    notify: Callable[[], None],
+    attempt: _Attempt,
+    loop: Any = None,
 ) -> bool:
     """Adopt an abandoned parked wait, or start one, for `attempt`; False past PARKED_MAX."""
     path = located[0]
     op = _SH if spec.shared else _EX
     key = (path, op)
-    if _adopt(key, notify, attempt):
+    if _adopt(key, notify, attempt, loop):
         return True
     if _in_kernel >= PARKED_MAX:
         return False
@@ -848,7 +919,7 @@ def _start_parked(
         if desc.ours():
             break
         _close(desc, attempt)
-    parked = _Parked(key, spec.mode, notify)
+    parked = _Parked(key, spec.mode, notify, loop)
     with _claim_lock:  # the description passes from the attempt to its parked wait
         if desc.owner is attempt:
             desc.owner = parked
@@ -879,6 +950,8 @@ def _give_up(attempt: _Attempt) -> None:
         else:
             _discard(parked.private, parked)  # no helper has it: give the description back
     elif state in (GRANTED, TAKEN):
+        if state == GRANTED:
+            _took(parked)
         _discard(parked.private, parked)  # granted to us, unwanted now (a TAKEN one not yet ours)
     _discard(attempt.private, attempt)
 
@@ -905,6 +978,7 @@ def _settle(attempt: _Attempt, spec: LockSpec, path: str) -> Handle | None:
         return None
     if state != GRANTED:
         return None
+    _took(parked)
     desc = parked.private
     assert desc is not None  # noqa: S101
     return _granted(desc, parked, spec, path, parked.st)
@@ -951,19 +1025,30 @@ async def _wait_parked_async(
     spec: LockSpec, located: Located, deadline: float | None
 ) -> Handle | None:
     import asyncio  # noqa: PLC0415
+    import weakref  # noqa: PLC0415  (asyncio has imported it already)
 
     path = located[0]
     loop = asyncio.get_running_loop()
     while True:
         future: asyncio.Future[None] = loop.create_future()
 
-        def notify(future: asyncio.Future[None] = future) -> None:
-            # From the helper thread; raises RuntimeError if the loop is closed.
-            loop.call_soon_threadsafe(_resolve, future)
+        # The parked wait holds the future weakly: a task whose event loop was closed before it
+        # could take a grant must be garbage, so that closing its coroutine (GeneratorExit,
+        # handled below) gives the grant back; a strong reference would keep it forever.
+        ref = weakref.ref(future)
+
+        def notify(ref: weakref.ref[asyncio.Future[None]] = ref) -> None:
+            # From the helper thread; RuntimeError (nobody will take it) if the loop is closed
+            # or the task is gone.
+            waiting = ref()
+            if waiting is None:
+                msg = "the waiting task is gone"
+                raise RuntimeError(msg)
+            loop.call_soon_threadsafe(_resolve, waiting)
 
         attempt = _Attempt()
         try:
-            if not _start_parked(spec, located, notify, attempt):
+            if not _start_parked(spec, located, notify, attempt, loop):
                 return await _poll_async(spec, deadline, asyncio)
             remaining = None if deadline is None else deadline - _clock()
             if remaining is None or remaining > 0:

@@ -62,7 +62,8 @@ from ._base import FENCING, LOSS, Handle
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    import asyncio
+    from collections.abc import Callable, Coroutine
     from typing import Any, TypeVar
 
     from .._spec import LockSpec
@@ -421,7 +422,8 @@ class RedisBackend:
         Each SET NX runs in a worker thread on the shared connection pool (one pool for every
         thread and event loop; redis.asyncio pools are bound to one loop). A cancelled task
         waits for its in-flight try to finish and gives back what it won before it re-raises.
-        Waiting is a redis.asyncio subscription of its own, which cancellation just closes.
+        Waiting is a redis.asyncio subscription of its own, which cancellation just closes;
+        each of its round trips is bounded by `_bounded`, which always re-raises a cancellation.
         """
         name = _name(spec)
         token = secrets.token_hex(16)
@@ -462,7 +464,9 @@ class RedisBackend:
         pool = aioredis.ConnectionPool.from_url(
             self._url,
             socket_connect_timeout=self._connect_timeout,
-            socket_timeout=max(_COMMAND_TIMEOUT, self._connect_timeout),
+            # None: with a socket_timeout, redis-py sends through asyncio.wait_for, which loses
+            # a cancellation on Python < 3.12. `_bounded` times each round trip instead.
+            socket_timeout=None,
             retry=AsyncRetry(NoBackoff(), 0),
             client_name=f"proclock-{os.getpid()}",
         )
@@ -484,22 +488,11 @@ class RedisBackend:
     async def _wait_subscribed(
         self, pubsub: Any, name: str, token: str, deadline: float | None
     ) -> Handle | None:
-        try:
-            await pubsub.subscribe(self.channel(name))
-            end = _confirm_by(deadline)
-            while True:  # the confirmation first, as in `_wait`
-                left = end - _clock()
-                if left <= 0:
-                    if deadline is not None and _clock() >= deadline:
-                        return None
-                    raise self._unavailable(TimeoutError("no SUBSCRIBE confirmation"))
-                message = await pubsub.get_message(timeout=left)
-                if message is not None and message["type"] == "subscribe":
-                    break
-        except (RedisError, OSError) as exc:
-            if isinstance(exc, BackendUnavailableError):
-                raise
-            raise self._unavailable(exc) from exc
+        end = _confirm_by(deadline)
+        if not await self._subscribe_async(pubsub, self.channel(name), end):
+            if deadline is not None and deadline <= end:  # the deadline came first: timed out
+                return None
+            raise self._unavailable(TimeoutError("no SUBSCRIBE confirmation"))
         while True:
             won = await self._try_async(name, token)
             if not isinstance(won, int):
@@ -508,9 +501,25 @@ class RedisBackend:
             if wait <= 0:
                 return None
             try:
-                await pubsub.get_message(timeout=wait)
+                # redis-py returns None after `wait`; the bound is for a call that hangs.
+                await _bounded(pubsub.get_message(timeout=wait), wait + _COMMAND_TIMEOUT)
             except (RedisError, OSError) as exc:
                 raise self._unavailable(exc) from exc
+
+    async def _subscribe_async(self, pubsub: Any, channel: str, end: float) -> bool:
+        """SUBSCRIBE, and its confirmation first, as in `_wait`; False if `end` passed first."""
+        try:
+            # The connection and its handshake too: a server that stays silent ends here.
+            await _bounded(pubsub.subscribe(channel), end - _clock())
+            while (left := end - _clock()) > 0:
+                message = await _bounded(pubsub.get_message(timeout=left), left)
+                if message is not None and message["type"] == "subscribe":
+                    return True
+        except TimeoutError:  # `_bounded`'s (a builtin, not redis-py's): no reply by `end`
+            pass
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        return False
 
     def _try(self, name: str, token: str) -> Handle | int:
         """One atomic SET NX + INCR: the handle, or the holder's remaining PTTL in ms."""
@@ -734,6 +743,59 @@ def _close_quietly(pubsub: Any) -> None:
     # The server went away: the socket is closed all the same.
     with contextlib.suppress(RedisError, OSError):
         pubsub.close()
+
+
+async def _bounded(call: Coroutine[Any, Any, _T], timeout: float) -> _T:
+    """Await `call`, a round trip into redis.asyncio, as a task of its own; at most `timeout` s.
+
+    Raises TimeoutError (the builtin) when `timeout` passes, and a cancellation of the caller
+    always, once the call has ended. redis-py's own timers cannot promise that before Python
+    3.12: asyncio.wait_for (its socket_timeout, when sending) returns the result of an await
+    that completed in the loop step its caller was cancelled in, and the cancellation is lost
+    (CPython gh-86296, bpo-42130); async_timeout (its timer before 3.11.3) turns one that
+    coincides with its expiry into a timeout, which a read with a timeout returns as "no
+    message". asyncio.wait never catches its caller's cancellation: whatever the call's task
+    makes of its own, the caller's is raised.
+    """
+    import asyncio  # noqa: PLC0415
+
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=max(timeout, 0.0))
+    except BaseException:
+        await _end(task)
+        raise
+    if not done:
+        await _end(task)
+        msg = f"no reply from Redis within {timeout:.3f}s"
+        raise TimeoutError(msg)
+    return task.result()
+
+
+async def _end(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` and wait until it ends: its connection is closed next, and must be idle.
+
+    A cancellation of the caller meanwhile is raised once it has ended. A call that ignores
+    its cancellation is waited for _COMMAND_TIMEOUT at most: closing its socket ends it.
+    """
+    import asyncio  # noqa: PLC0415
+
+    task.cancel()
+    cancelled = None
+    end = _clock() + _COMMAND_TIMEOUT
+    while not task.done() and (left := end - _clock()) > 0:
+        try:
+            await asyncio.wait((task,), timeout=left)
+        except asyncio.CancelledError as exc:  # again: it still ends first
+            cancelled = exc
+    task.add_done_callback(_retrieve)  # its outcome is moot: not an error "never retrieved"
+    if cancelled is not None:
+        raise cancelled
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _close_async(pubsub: Any, client: Any, pool: Any) -> None:
