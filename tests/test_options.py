@@ -230,16 +230,16 @@ def attempts(monkeypatch):
     made = []
     real_try, real_wait = FlockBackend.try_acquire, FlockBackend.acquire
 
-    def trying(self, spec):
+    def trying(spec):
         made.append(False)
-        return real_try(self, spec)
+        return real_try(spec)
 
-    def waiting(self, spec, deadline):
+    def waiting(spec, deadline):
         made[-1] = True
-        return real_wait(self, spec, deadline)
+        return real_wait(spec, deadline)
 
-    monkeypatch.setattr(FlockBackend, "try_acquire", trying)
-    monkeypatch.setattr(FlockBackend, "acquire", waiting)
+    monkeypatch.setattr(FlockBackend, "try_acquire", staticmethod(trying))
+    monkeypatch.setattr(FlockBackend, "acquire", staticmethod(waiting))
     return made
 
 

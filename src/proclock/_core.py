@@ -53,6 +53,13 @@ if TYPE_CHECKING:
 
     OnLost = Callable[[LockLostError], object]
 
+if not getattr(sys, "_is_gil_enabled", lambda: True)():  # pragma: no cover - free-threaded
+    msg = (
+        "proclock keeps its in-process bookkeeping consistent with the GIL, which this "
+        "free-threaded Python runs without; run it with the GIL (PYTHON_GIL=1, or -X gil=1)"
+    )
+    raise ImportError(msg)
+
 generation = 0  # bumped in every forked child: holds of another generation are the parent's
 _DEBUG = 10  # logging.DEBUG
 _clock = time.monotonic
@@ -114,19 +121,42 @@ class Hold:
 
 
 _transfers: set[Hold] = set()  # holds to hand to the child of the next fork()
-_guard = threading.RLock()
+# _guard: there is none. The registry and the holds change in sections marked "atomic" that make
+# no call (no method, no allocation of a tracked object): CPython switches threads, and runs
+# signal handlers and finalizers, only at calls and backward jumps, so nothing can run inside
+# them, and an owner's own steps never interleave with another thread's. That is why a signal
+# handler or finalizer that takes or releases a lock cannot deadlock on proclock: there is no
+# internal lock to hold. Where the GIL is disabled this does not hold, and proclock refuses to
+# import (below).
 _holds: dict[tuple[str, object], Hold] = {}
 _debug = _log.debug_enabled
 
 
 def current_owner() -> object:
     """The asyncio task running in this thread if any, else the thread."""
-    asyncio = sys.modules.get("asyncio")
-    if asyncio is not None and asyncio.events._get_running_loop() is not None:  # noqa: SLF001
-        task = asyncio.current_task()
+    loop = _running_loop()
+    if loop is not None:
+        task = _current_task(loop)
         if task is not None:
             return task
-    return threading.get_ident()
+    return _get_ident()
+
+
+def _running_loop() -> Any:
+    """The running loop of this thread (asyncio's), or None; asyncio is never imported here."""
+    global _running_loop, _current_task  # noqa: PLW0603
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return None
+    # From now on, asyncio's own functions (C), without looking them up again.
+    _running_loop = asyncio.events._get_running_loop  # noqa: SLF001
+    _current_task = asyncio.current_task
+    return _running_loop()
+
+
+_current_task: Any = None
+_get_ident = threading.get_ident
+_modules = sys.modules
 
 
 # -- taking -----------------------------------------------------------------------------------
@@ -137,8 +167,7 @@ def take(
     backend: Backend,
     owner: object,
     on_lost: OnLost | None,
-    *,
-    describe: bool = True,
+    describe: bool = True,  # noqa: FBT002  (positional: called at every acquisition)
 ) -> Hold:
     """Take the lock for `owner`, waiting and retrying as `spec` says; the hold, or raise.
 
@@ -164,11 +193,19 @@ def take(
     try:
         if on_lost is not None:
             hold.on_lost = [on_lost]
-        debug = _debug()
+        # The check _debug() makes, inlined: nothing at all while logging is not imported, else
+        # the logger's own cache of its answer.
+        logger = _log._logger  # noqa: SLF001
+        debug: Any
+        if logger is None:
+            debug = "logging" in _modules and _debug()
+        else:
+            debug = None if logger.disabled else logger._cache.get(_DEBUG)  # noqa: SLF001
+            if debug is None:
+                debug = _debug()
         if spec.blocking and spec.timeout is None and not debug:
             # An unbounded wait: straight to the backend's blocking wait (one syscall when free).
-            asyncio = sys.modules.get("asyncio")
-            if asyncio is not None and asyncio.events._get_running_loop() is not None:  # noqa: SLF001
+            if _running_loop() is not None:
                 _refuse_self_deadlock(location, owner, sync=True)
             handle = backend.acquire(spec, None)
             if handle is None:  # pragma: no cover - a backend breaking its contract
@@ -178,7 +215,11 @@ def take(
             handle = backend.try_acquire(spec)
             if handle is None:
                 handle = _contended(spec, backend, location, owner, hold)
-        _held(hold, handle, debug=debug)
+        if debug or LOSS in backend.capabilities:
+            _held(hold, handle, debug=debug)
+        else:  # _held(), inlined for the common case
+            hold.handle = handle
+            hold.state = HELD
     except BaseException as exc:
         _drop(hold, handle)
         if describe and isinstance(exc, LockHeldError):
@@ -192,8 +233,7 @@ async def take_async(
     backend: Backend,
     owner: object,
     on_lost: OnLost | None,
-    *,
-    describe: bool = True,
+    describe: bool = True,  # noqa: FBT002  (positional: called at every acquisition)
 ) -> Hold:
     """`take` for coroutines: waits without blocking the event loop; cancellable at any await."""
     location = backend.location(spec)
@@ -251,10 +291,10 @@ def _reenter(hold: Hold, spec: LockSpec, on_lost: OnLost | None) -> bool:
     handle = hold.handle
     if handle is not None and handle._lost is not None:  # noqa: SLF001
         raise _lost_error(hold, handle)
-    with _guard:
-        if hold.state != HELD:
-            return False  # released by another thread just now (a generator's finalizer)
-        hold.count += 1
+    # atomic (see the comment above _holds)
+    if hold.state != HELD:
+        return False  # released by another thread just now (a generator's finalizer)
+    hold.count += 1
     hold.watch(on_lost)
     return True
 
@@ -263,9 +303,9 @@ def _held(hold: Hold, handle: Handle, *, debug: bool) -> None:
     """The backend granted `handle` to `hold`: link them, then count it held."""
     lost_already = False
     if LOSS in hold.backend.capabilities:
-        with _guard:  # with report_lost: a loss reported now is announced exactly once
-            handle._core = hold  # noqa: SLF001
-            lost_already = handle._lost is not None  # noqa: SLF001
+        # atomic, as report_lost's: a loss reported now is announced exactly once
+        handle._core = hold  # noqa: SLF001
+        lost_already = handle._lost is not None  # noqa: SLF001
     hold.handle = handle
     hold.state = HELD
     if debug:
@@ -279,10 +319,11 @@ def _held(hold: Hold, handle: Handle, *, debug: bool) -> None:
 
 def _drop(hold: Hold, handle: Handle | None) -> None:
     """Undo a take that failed or was interrupted: unregister, give back what was granted."""
-    with _guard:
-        if _holds.get(hold.key) is hold:
-            del _holds[hold.key]
-        hold.state = RELEASED
+    # atomic
+    key = hold.key
+    if key in _holds and _holds[key] is hold:
+        del _holds[key]
+    hold.state = RELEASED
     if handle is not None:
         hold.backend.release(handle)
 
@@ -428,17 +469,26 @@ def give(hold: Hold) -> None:
     """
     handle = None
     try:
-        with _guard:
-            if hold.state != HELD or hold.gen != generation:
-                return
-            if hold.count > 1:
-                hold.count -= 1
-            else:
-                hold.count = 0
-                hold.state = RELEASING
-                handle = hold.handle
+        # atomic (see the comment above _holds)
+        if hold.state != HELD or hold.gen != generation:
+            return
+        if hold.count > 1:
+            hold.count -= 1
+        else:
+            hold.count = 0
+            hold.state = RELEASING
+            handle = hold.handle
         if handle is not None:
-            _finish_release(hold)
+            if hold.since or _transfers:
+                _finish_release(hold)
+            else:  # _finish_release(), inlined for the common case
+                hold.backend.release(handle)
+                # atomic
+                if hold.state == RELEASING:
+                    hold.state = RELEASED
+                    key = hold.key
+                    if key in _holds and _holds[key] is hold:
+                        del _holds[key]
     except BaseException:
         if handle is not None:
             _finish_release(hold)  # interrupted (Ctrl-C): the release is redone, never lost
@@ -453,12 +503,13 @@ def _finish_release(hold: Hold) -> None:
     handle = hold.handle
     assert handle is not None  # noqa: S101
     hold.backend.release(handle)
-    with _guard:
-        if hold.state != RELEASING:
-            return
-        hold.state = RELEASED
-        if _holds.get(hold.key) is hold:
-            del _holds[hold.key]
+    # atomic
+    if hold.state != RELEASING:
+        return
+    hold.state = RELEASED
+    key = hold.key
+    if key in _holds and _holds[key] is hold:
+        del _holds[key]
     if _transfers:
         _transfers.discard(hold)
     if hold.since and _debug():
@@ -478,11 +529,11 @@ def report_lost(handle: Handle, reason: str) -> None:
 
     Safe from any thread; the first report wins.
     """
-    with _guard:
-        if handle._lost is not None:  # noqa: SLF001
-            return
-        handle._lost = reason  # noqa: SLF001
-        hold = handle._core  # noqa: SLF001
+    # atomic, as _held's
+    if handle._lost is not None:  # noqa: SLF001
+        return
+    handle._lost = reason  # noqa: SLF001
+    hold = handle._core  # noqa: SLF001
     if hold is not None:
         _announce(hold, handle)
 
@@ -527,7 +578,6 @@ def _flock_backend() -> Any:
 
 def _before_fork() -> None:
     global _handshake  # noqa: PLW0603
-    _guard.acquire()
     flock = _flock_backend()
     if flock is not None:
         for lock in flock.FlockBackend.fork_locks():
@@ -545,7 +595,6 @@ def _release_fork_locks() -> None:
     if flock is not None:
         for lock in reversed(flock.FlockBackend.fork_locks()):
             lock.release()
-    _guard.release()
 
 
 def _after_fork_in_parent() -> None:
@@ -578,9 +627,8 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _guard, generation, _handshake  # noqa: PLW0603
+    global generation, _handshake  # noqa: PLW0603
     generation += 1
-    _guard = threading.RLock()  # the parent's may have been held by a thread that is gone
     parent = os.getppid()
     me = threading.get_ident()
     kept = [h for h in _transfers if h.state == HELD and h.gen == generation - 1]

@@ -242,7 +242,7 @@ def _decorate(func: Any, spec: _Spec) -> Any:
                         lock._backend,  # noqa: SLF001
                         current_owner(),
                         lock._on_lost,  # noqa: SLF001
-                        describe=describe,
+                        describe,
                     )
                 except LockHeldError as error:
                     return spec.contended(error)
@@ -270,7 +270,7 @@ def _decorate(func: Any, spec: _Spec) -> Any:
                     lock._backend,  # noqa: SLF001
                     current_owner(),
                     lock._on_lost,  # noqa: SLF001
-                    describe=describe,
+                    describe,
                 )
             except LockHeldError as error:
                 return spec.contended(error)

@@ -45,16 +45,16 @@ class Acquired:
     gives the lock itself: `with lock.acquire(timeout=1) as same: assert same is lock`.
     """
 
-    __slots__ = ("_hold", "lock")
+    __slots__ = ("_done", "_hold", "lock")
 
     def __init__(self, lock: ProcessLock, hold: Hold) -> None:
-        self.lock, self._hold = lock, hold
+        self.lock, self._hold, self._done = lock, hold, False
 
     @property
     def held(self) -> bool:
         """True until this hold is released (or the process forked: a child holds nothing)."""
         hold = self._hold
-        return hold.state == _core.HELD and hold.gen == _core.generation
+        return not self._done and hold.state == _core.HELD and hold.gen == _core.generation
 
     @property
     def handle(self) -> Handle | None:
@@ -69,7 +69,14 @@ class Acquired:
 
     def release(self) -> None:
         """Release this hold (once; a second call raises ProcLockError)."""
-        self.lock._release_entry(self)  # noqa: SLF001
+        hold = self._hold
+        if self._done or hold not in self.lock._entries:  # noqa: SLF001
+            if hold.gen != _core.generation or hold.state == _core.GONE:
+                return  # a hold of the parent of this forked process, or handed to a child
+            msg = f"this hold of {self.lock.name!r} was released already"
+            raise ProcLockError(msg)
+        self._done = True
+        self.lock._give(hold)  # noqa: SLF001
 
     def __enter__(self) -> ProcessLock:
         return self.lock
@@ -163,7 +170,8 @@ class ProcessLock:
             msg = f"on_lost must be a callable taking the LockLostError, not {on_lost!r}"
             raise TypeError(msg)
         self._spec, self._backend, self._on_lost = spec, chosen, on_lost
-        self._entries: list[Acquired] = []  # holds taken through this object, oldest first
+        # Holds taken through this object, oldest first (a re-entered hold once per entry).
+        self._entries: list[Hold] = []
         # Owners of holds that ended without a release through this object (taken by the parent
         # of this forked process, or handed to a child): their release() does nothing.
         self._stale: list[object] = []
@@ -204,9 +212,7 @@ class ProcessLock:
         """
         live = self._live()
         if live:
-            handle = live[-1].handle
-            if handle is not None:
-                return handle.location
+            return live[-1].key[0]
         if self._backend is FLOCK:
             path, directory, kind = FLOCK.locate(self._spec)
             if directory is not None:
@@ -216,14 +222,13 @@ class ProcessLock:
 
     # -- state -----------------------------------------------------------------------------
 
-    def _live(self) -> list[Acquired]:
+    def _live(self) -> list[Hold]:
         entries = self._entries
-        if entries and not all(e.held for e in entries):
-            live = [e for e in entries if e.held]
+        generation = _core.generation
+        if entries and not all(h.state == _core.HELD and h.gen == generation for h in entries):
+            live = [h for h in entries if h.state == _core.HELD and h.gen == generation]
             self._stale.extend(
-                e._hold.key[1]  # noqa: SLF001
-                for e in entries
-                if not e.held and e._hold.state != _core.RELEASED  # noqa: SLF001
+                h.key[1] for h in entries if h.state != _core.RELEASED and h not in live
             )
             self._entries = entries = live
         return entries
@@ -242,7 +247,8 @@ class ProcessLock:
         (flock: a lock on one machine cannot be lost while its holder lives).
         """
         live = self._live()
-        return live[-1].fencing_token if live else None
+        handle = live[-1].handle if live else None
+        return handle.fencing_token if handle is not None else None
 
     def holder(self) -> Holder | None:
         """Who holds the lock now, as the kernel (or server) reports it; None if it is free.
@@ -301,12 +307,11 @@ class ProcessLock:
             spec = self._spec_for(blocking, timeout)
         hold = _core.take(spec, self._backend, _core.current_owner(), self._on_lost)
         try:
-            entry = Acquired(self, hold)
-            self._entries.append(entry)
+            self._entries.append(hold)
+            return Acquired(self, hold)
         except BaseException:
-            _core.give(hold)  # interrupted (Ctrl-C) before it was recorded: nothing is kept
+            self._give(hold)  # interrupted (Ctrl-C) before it was returned: nothing is kept
             raise
-        return entry
 
     async def acquire_async(
         self, blocking: bool = UNSET, timeout: float | None = UNSET
@@ -318,12 +323,11 @@ class ProcessLock:
 
     def _record(self, hold: Hold) -> Acquired:
         try:
-            entry = Acquired(self, hold)
-            self._entries.append(entry)
+            self._entries.append(hold)
+            return Acquired(self, hold)
         except BaseException:
-            _core.give(hold)  # interrupted (Ctrl-C) before it was recorded: nothing is kept
+            self._give(hold)  # interrupted (Ctrl-C) before it was returned: nothing is kept
             raise
-        return entry
 
     def release(self) -> None:
         """Release one hold taken through this object by the current thread or task.
@@ -339,15 +343,14 @@ class ProcessLock:
         owner = _core.current_owner()
         entries = self._entries
         if entries:  # the common case: the innermost hold, by its owner
-            entry = entries[-1]
-            hold = entry._hold  # noqa: SLF001
+            hold = entries[-1]
             if hold.state == _core.HELD and hold.gen == _core.generation and hold.key[1] == owner:
-                self._give(entry)
+                self._give(hold)
                 return
         live = self._live()
-        for entry in reversed(live):
-            if entry._hold.key[1] == owner:  # noqa: SLF001
-                self._give(entry)
+        for hold in reversed(live):
+            if hold.key[1] == owner:
+                self._give(hold)
                 return
         stale = self._stale
         if owner in stale:
@@ -367,19 +370,11 @@ class ProcessLock:
             raise ProcLockError(msg)
         self._give(live[0])  # the only hold: released on its owner's behalf (as threading.Lock)
 
-    def _release_entry(self, entry: Acquired) -> None:
-        """Release exactly this hold (`Acquired.release`, its `with` block's end)."""
-        if entry not in self._entries:
-            hold = entry._hold  # noqa: SLF001
-            if hold.gen != _core.generation or hold.state == _core.GONE:
-                return
-            msg = f"this hold of {self.name!r} was released already"
-            raise ProcLockError(msg)
-        self._give(entry)
+    def _give(self, hold: Hold) -> None:
+        """Give back one hold taken through this object, then forget that entry.
 
-    def _give(self, entry: Acquired) -> None:
-        """Give back the entry's hold, then forget the entry; robust to Ctrl-C at any point."""
-        hold = entry._hold  # noqa: SLF001
+        Robust to Ctrl-C at any point: interrupted before give() began, it is redone.
+        """
         count = hold.count
         try:
             _core.give(hold)
@@ -389,10 +384,12 @@ class ProcessLock:
             raise
         finally:
             entries = self._entries
-            if entries and entries[-1] is entry:
+            if entries and entries[-1] is hold:
                 entries.pop()
-            elif entry in entries:
-                entries.remove(entry)
+            elif hold in entries:
+                entries.reverse()  # the innermost entry of this hold
+                entries.remove(hold)
+                entries.reverse()
 
     def transfer_on_fork(self) -> Self:
         """Hand this held lock to the child at the next os.fork() (for daemonizing).
@@ -408,11 +405,11 @@ class ProcessLock:
         """
         live = self._live()
         owner = _core.current_owner()
-        mine = [e for e in live if e._hold.owner == owner]  # noqa: SLF001
+        mine = [h for h in live if h.key[1] == owner]
         if not mine:
             msg = f"transfer_on_fork() of {self.name!r}, which this ProcessLock does not hold"
             raise ProcLockError(msg)
-        _core.transfer_on_fork(mine[-1]._hold)  # noqa: SLF001
+        _core.transfer_on_fork(mine[-1])
         return self
 
     def _held_fd(self) -> int | None:
@@ -424,7 +421,12 @@ class ProcessLock:
     # -- context managers ------------------------------------------------------------------
 
     def __enter__(self) -> Self:
-        self.acquire()
+        hold = _core.take(self._spec, self._backend, _core.current_owner(), self._on_lost)
+        try:
+            self._entries.append(hold)
+        except BaseException:
+            self._give(hold)  # interrupted (Ctrl-C) before it was recorded: nothing is kept
+            raise
         return self
 
     def __exit__(

@@ -33,14 +33,13 @@ class Handle:
     def __init__(
         self,
         location: str,
-        *,
         fencing_token: int | None = None,
         fd: int | None = None,
-        shared: bool = False,
+        shared: bool = False,  # noqa: FBT002  (positional: made at every acquisition)
         private: Any = None,
     ) -> None:
-        # Plain slots behind read-only properties: made at every acquisition, so it must be
-        # cheap (no per-field object.__setattr__).
+        # Plain slots behind read-only properties, positional arguments: made at every
+        # acquisition, so it must be cheap.
         self._location = location
         self._fencing_token = fencing_token
         self._fd = fd

@@ -73,6 +73,7 @@ _flock_call = _flock.flock
 _lseek = _flock.lseek
 _SEEK_CUR = _flock.SEEK_CUR
 _NB = _flock.NB
+_UN = _flock.UN
 _EX, _SH = _flock.EX, _flock.SH
 _time = time.time
 _clock = time.monotonic
@@ -160,10 +161,13 @@ Owner = Handle | _Attempt  # what records a claimed or opened description in `pr
 # Opening and closing descriptions, and the file table, change under _open_lock, which the fork
 # handler holds across fork() so that a child never inherits a descriptor we do not know of. It
 # is reentrant: a signal handler or finalizer may open a lock file while this thread opens one.
-# Claiming and giving back a description are state changes under _claim_lock, in sections that
-# make no call, so that nothing (not even a signal handler) can run inside them.
+#
+# Claiming a description and giving it back are state changes in sections marked "atomic": they
+# make no call (no method, no allocation of a tracked object), and CPython switches threads and
+# runs signal handlers and finalizers only at calls and backward jumps, so nothing can run
+# inside them (proclock refuses to import where the GIL is disabled: see _core). A lock there
+# would cost a fifth of an uncontended acquisition and guard nothing the GIL does not.
 _open_lock = threading.RLock()
-_claim_lock = threading.Lock()
 _files: dict[str, _File] = {}
 _idle_total = 0
 _idle_limit: int | None = None  # IDLE_MAX bounded by RLIMIT_NOFILE, read once when first needed
@@ -176,15 +180,13 @@ def _claim(path: str, attempt: Owner) -> _Desc | None:
     if file is None or not file.idle:
         return None
     for desc in file.descs:
-        if desc.state == IDLE:
-            with _claim_lock:
-                if desc.state == IDLE:
-                    desc.state = BUSY
-                    desc.owner = attempt
-                    attempt.private = desc
-                    file.idle -= 1
-                    _idle_total -= 1
-                    return desc
+        if desc.state == IDLE:  # atomic: from this test to the return
+            desc.state = BUSY
+            desc.owner = attempt
+            attempt.private = desc
+            file.idle -= 1
+            _idle_total -= 1
+            return desc
     return None
 
 
@@ -248,13 +250,13 @@ def _put_back(desc: _Desc, owner: object) -> None:
     if file.idle >= IDLE_PER_FILE or _files.get(file.path) is not file:
         _close(desc, owner)
         return
-    with _claim_lock:
-        if desc.state != BUSY or desc.owner is not owner:
-            return
-        desc.owner = None
-        desc.state = IDLE
-        file.idle += 1
-        _idle_total += 1
+    # atomic
+    if desc.state != BUSY or desc.owner is not owner:
+        return
+    desc.owner = None
+    desc.state = IDLE
+    file.idle += 1
+    _idle_total += 1
     limit = _idle_limit if _idle_limit is not None else _idle_cap()
     if _idle_total > limit:
         _evict(limit)
@@ -274,13 +276,13 @@ def _evict(keep: int | None = None) -> None:
             return
         for desc in list(file.descs):
             token = _Attempt()
-            with _claim_lock:
-                if desc.state != IDLE:
-                    continue
-                desc.state = BUSY
-                desc.owner = token
-                file.idle -= 1
-                _idle_total -= 1
+            # atomic
+            if desc.state != IDLE:
+                continue
+            desc.state = BUSY
+            desc.owner = token
+            file.idle -= 1
+            _idle_total -= 1
             _close(desc, token)
 
 
@@ -430,7 +432,7 @@ def _replaced_too_often(spec: LockSpec, path: str) -> ProcLockError:
 
 
 def _location(spec: LockSpec) -> str:
-    """The lock file of `spec` now (the environment is read each time): the hot path."""
+    """The lock file of `spec` now (the environment is read each time)."""
     path = spec.path
     if path is not None:
         return path
@@ -445,25 +447,58 @@ def _location(spec: LockSpec) -> str:
 
 
 _ENV = _dirs.ENV_DATA
+_NO_WAIT: Any = object()  # _attempt's deadline for one LOCK_NB try
 
 
-def _attempt(spec: LockSpec, *, wait: bool) -> Handle | None:
-    """LOCK_NB, or (wait=True) a blocking flock(2) in this thread, on a description of ours.
+def _attempt(spec: LockSpec, deadline: float | None = _NO_WAIT) -> Handle | None:  # noqa: PLR0915  (inlined on purpose: a call costs ~0.1 µs)
+    """try_acquire(spec) and acquire(spec, deadline), in one function: the hot path.
 
-    The Handle is made first: it is the attempt's record (`private`: the description it
-    claimed or opened) and the description's owner token, so an interruption anywhere gives
-    back exactly what this attempt holds. The common case (an idle description of ours, the
-    file unchanged, our record fresh) is written out here: lseek, flock(2), fstat.
+    One LOCK_NB try (no deadline given), a blocking flock(2) in this thread (deadline None),
+    or a parked wait (a deadline). The Handle is made first: it is the attempt's record
+    (`private`: the description it claimed or opened) and the description's owner token, so
+    an interruption anywhere gives back exactly what this attempt holds. The common case (an
+    idle description of ours, the file unchanged, our record fresh) is written out inline:
+    lseek, flock(2), fstat, and no other call but the Handle's.
     """
-    path = _location(spec)
+    global _idle_total  # noqa: PLW0603
+    if deadline is not _NO_WAIT and deadline is not None:
+        return _wait_parked(spec, FLOCK.locate(spec), deadline)
+    # The location, as _location() gives it (inlined: this runs at every acquisition).
+    path = spec.path
+    if path is None:
+        where = spec._where
+        env = _ENV
+        if where is not None and (
+            spec.lock_dir is not None
+            or (
+                env is not None
+                and where[0] == (env.get(b"PROCLOCK_DIR"), env.get(b"XDG_RUNTIME_DIR"))
+            )
+        ):
+            path = where[1][0]
+        else:
+            path = FlockBackend.locate(spec)[0]
     shared = spec.shared
     op = _SH if shared else _EX
-    if not wait:
+    if deadline is _NO_WAIT:
         op |= _NB
-    handle = Handle(path, shared=shared)
+    handle = Handle(path, None, None, shared)
     try:
         for _ in range(_REPLACED_MAX):
-            desc = _claim(path, handle) or _open(path, spec.mode, FLOCK.locate(spec), handle)
+            # An idle description of ours (as _claim() does, inlined), else a new one.
+            desc = None
+            file = _files.get(path)
+            if file is not None and file.idle:
+                for idle in file.descs:
+                    if idle.state == IDLE:  # atomic: from this test to the break
+                        idle.state = BUSY
+                        idle.owner = handle
+                        handle.private = desc = idle
+                        file.idle -= 1
+                        _idle_total -= 1
+                        break
+            if desc is None:
+                desc = _open(path, spec.mode, FLOCK.locate(spec), handle)
             try:  # the number must still be this description's (see _flock)
                 magic = desc.magic
                 mine = desc.gen == _core.generation and (
@@ -550,20 +585,14 @@ class FlockBackend:
 
     # -- acquire ---------------------------------------------------------------------------
 
-    def try_acquire(self, spec: LockSpec) -> Handle | None:
-        """One LOCK_NB attempt on a description of our own: a handle, or None if busy."""
-        return _attempt(spec, wait=False)
+    # One LOCK_NB attempt on a description of our own: a handle, or None if busy.
+    try_acquire = staticmethod(_attempt)
 
-    def acquire(self, spec: LockSpec, deadline: float | None) -> Handle | None:
-        """Wait for the lock until `deadline` (monotonic; None: forever); None if it passed.
-
-        Without a deadline the calling thread blocks in flock(2) itself: the kernel hands the
-        lock straight to it at release, and Ctrl-C interrupts it in the main thread. With one,
-        a parked helper waits in the kernel while this thread waits for its word.
-        """
-        if deadline is None:
-            return _attempt(spec, wait=True)
-        return _wait_parked(spec, self.locate(spec), deadline)
+    # Wait for the lock until `deadline` (monotonic; None: forever); None if it passed.
+    # Without a deadline the calling thread blocks in flock(2) itself: the kernel hands the
+    # lock straight to it at release, and Ctrl-C interrupts it in the main thread. With one, a
+    # parked helper waits in the kernel while this thread waits for its word.
+    acquire = staticmethod(_attempt)
 
     async def acquire_async(self, spec: LockSpec, deadline: float | None) -> Handle | None:
         """`acquire` for coroutines: a parked helper waits, the event loop never blocks."""
@@ -571,12 +600,14 @@ class FlockBackend:
 
     # -- release ---------------------------------------------------------------------------
 
-    def release(self, handle: Handle) -> None:
+    @staticmethod
+    def release(handle: Handle) -> None:
         """Unlock and pool the handle's description. Idempotent: a second call does nothing.
 
         Nothing is touched in a forked child (which holds nothing of its parent's), nor when
         the number is no longer this description's.
         """
+        global _idle_total  # noqa: PLW0603
         desc: _Desc = handle.private
         if desc.owner is not handle or desc.state != BUSY:
             return
@@ -592,11 +623,23 @@ class FlockBackend:
             return
         try:
             if desc.owner is handle:  # checked again just before the syscall
-                _flock_call(desc.fd, _flock.UN)
+                _flock_call(desc.fd, _UN)
         except OSError:
             _close(desc, handle)
             raise
-        _put_back(desc, handle)
+        # Back to the pool (as _put_back() does, inlined: this runs at every release).
+        file = desc.file
+        if file.idle >= IDLE_PER_FILE or _files.get(file.path) is not file:
+            _close(desc, handle)
+            return
+        # atomic
+        if desc.owner is handle:
+            desc.owner = None
+            desc.state = IDLE
+            file.idle += 1
+            _idle_total += 1
+        if _idle_total > (_idle_limit if _idle_limit is not None else _idle_cap()):
+            _evict()
 
     # -- fork (called by the core's fork handler) -------------------------------------------
 
@@ -608,9 +651,8 @@ class FlockBackend:
     @staticmethod
     def after_fork_in_child(kept: list[Handle]) -> None:
         """Close every inherited description but those of `kept` (transferred holds)."""
-        global _open_lock, _claim_lock, _idle_total  # noqa: PLW0603
+        global _open_lock, _idle_total  # noqa: PLW0603
         _open_lock = threading.RLock()
-        _claim_lock = threading.Lock()
         _parking_after_fork()
         keep = {id(h.private) for h in kept}
         files = list(_files.values())
@@ -920,11 +962,11 @@ def _start_parked(
             break
         _close(desc, attempt)
     parked = _Parked(key, spec.mode, notify, loop)
-    with _claim_lock:  # the description passes from the attempt to its parked wait
-        if desc.owner is attempt:
-            desc.owner = parked
-            parked.private = desc
-            attempt.parked = parked
+    # atomic the description passes from the attempt to its parked wait
+    if desc.owner is attempt:
+        desc.owner = parked
+        parked.private = desc
+        attempt.parked = parked
     if attempt.parked is not parked:  # pragma: no cover - the description was taken from us
         msg = f"{path}: a description of this lock changed hands unexpectedly"
         raise ProcLockError(msg)
