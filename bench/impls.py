@@ -144,6 +144,41 @@ class FloorBefore:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
+class FloorVariant(Floor):
+    """The floor with one of its amortisations undone, to show what each one buys.
+
+    `record`: the holder record written at every acquisition (not once a second);
+    `lstat`: the path looked up after every acquisition (not only when the ctime moved);
+    `fstat-identity`: the descriptor's identity checked with fstat (not its offset, lseek).
+    """
+
+    def __init__(self, path: str, variant: str) -> None:
+        super().__init__(path)
+        self.variant = variant
+        self.record = b" " * 255 + b"\n"
+        self.ino = os.fstat(self.fd).st_ino
+
+    def _ours(self) -> None:
+        if self.variant == "fstat-identity":
+            if os.fstat(self.fd).st_ino != self.ino:
+                raise AssertionError
+        elif os.lseek(self.fd, 0, os.SEEK_CUR) != self.magic:
+            raise AssertionError
+
+    def acquire(self) -> None:
+        self._ours()
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.fstat(self.fd)
+        if self.variant == "lstat":
+            os.lstat(self.path)
+        elif self.variant == "record":
+            os.pwrite(self.fd, self.record, 0)
+
+    def release(self) -> None:
+        self._ours()
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
 class Decorated:
     """A no-op function decorated with @process_locked; acquire() runs one call."""
 
@@ -221,6 +256,8 @@ def make_lock(kind: str, d: str, name: str = "bench") -> Any:
         return Floor(path)
     if kind == "syscall-floor-before":
         return FloorBefore(path)
+    if kind.startswith("syscall-floor+"):
+        return FloorVariant(path, kind.split("+", 1)[1])
     if kind in ("proclock", "proclock-timeout"):
         from proclock import ProcessLock
 
@@ -275,6 +312,9 @@ def available_round_trip() -> list[str]:
         "raw",
         "raw-open",
         "syscall-floor",
+        "syscall-floor+record",
+        "syscall-floor+lstat",
+        "syscall-floor+fstat-identity",
         "syscall-floor-before",
         "proclock",
         "proclock-timeout",

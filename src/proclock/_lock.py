@@ -123,6 +123,12 @@ class ProcessLock:
 
     Raises:
         TypeError, ValueError: an option that cannot be used, named in the message.
+
+    Each thread and asyncio task that holds or waits does so through a descriptor (session,
+    token) of its own, so they exclude each other as processes do; re-entry by the same one is
+    counted. An exclusive holder writes a JSON record (pid, host, argv, acquired-at) into the
+    lock file, but only into a file that is empty or already holds such a record: a file with
+    other content given as `path=` is never written, truncated or chmod-ed.
     """
 
     __slots__ = ("__weakref__", "_backend", "_entries", "_on_lost", "_spec", "_stale")

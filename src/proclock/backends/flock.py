@@ -42,7 +42,6 @@ import errno
 import os
 import threading
 import time
-from _queue import SimpleQueue
 
 from .. import _core, _dirs, _flock, _holder, _names
 from .._errors import ProcLockError
@@ -754,7 +753,7 @@ _park_lock = threading.RLock()
 _parked: dict[tuple[str, int], list[_Parked]] = {}  # abandoned waits, for adoption
 _in_kernel = 0  # picked-up parked waits, helpers blocked in flock(2)
 _in_kernel_on: dict[str, list[_Parked]] = {}  # the same, per lock file
-_jobs: SimpleQueue[_Parked] = SimpleQueue()
+_jobs: Any = None  # a queue.SimpleQueue, made at the first parked wait (import time)
 _helpers_idle = 0  # helper threads blocked on _jobs with no job promised to them
 
 
@@ -807,7 +806,11 @@ def _unpark(parked: _Parked) -> None:
 
 def _dispatch(parked: _Parked) -> None:
     """Give the parked wait to an idle helper thread, or to a new one."""
-    global _helpers_idle  # noqa: PLW0603
+    global _helpers_idle, _jobs  # noqa: PLW0603
+    if _jobs is None:
+        from _queue import SimpleQueue  # noqa: PLC0415  (queue.SimpleQueue, without queue.py)
+
+        _jobs = SimpleQueue()
     with _park_lock:
         spare = _helpers_idle > 0
         if spare:
@@ -821,19 +824,29 @@ def _helper() -> None:
     """A helper thread: serve parked waits one after another; idle, hold no descriptor."""
     global _helpers_idle  # noqa: PLW0603
     while True:
-        _serve(_jobs.get())
+        wake = _serve(_jobs.get())
         with _park_lock:
-            if _helpers_idle >= HELPERS_IDLE:
-                return
-            _helpers_idle += 1
+            stay = _helpers_idle < HELPERS_IDLE
+            if stay:
+                _helpers_idle += 1
+        if wake is not None:
+            # The waiter is woken last, right before this thread blocks again (in _jobs.get()
+            # or by ending) and so lets go of the GIL: woken earlier, it would wait for the GIL
+            # after its own wake-up, two thread switches in a row on the handoff's path.
+            wake()
+        if not stay:
+            return
 
 
-def _serve(parked: _Parked) -> None:
-    """Block in flock(2) until granted, then hand the description over or unlock it."""
+def _serve(parked: _Parked) -> Callable[[], None] | None:
+    """Block in flock(2) until granted, then hand the description over or unlock it.
+
+    Returns the waking of a waiting thread, for the caller to do last (see _helper).
+    """
     global _in_kernel  # noqa: PLW0603
     with parked.mutex:
         if parked.state == CANCELLED:
-            return  # its waiter gave up before we got here, and gave the description back
+            return None  # its waiter gave up before we got here, and gave the description back
         parked.picked = True
     with _park_lock:
         _in_kernel += 1
@@ -849,12 +862,14 @@ def _serve(parked: _Parked) -> None:
         finally:
             _unpark(parked)
         if previous == WAITING:
+            if parked.loop is None:
+                return notify
             try:  # noqa: SIM105  (contextlib costs import time)
                 notify()
             except RuntimeError:  # a closed event loop: nobody waits there
                 pass
-        return
-    _hand_over(parked)
+        return None
+    return _hand_over(parked)
 
 
 def _wait_in_kernel(parked: _Parked) -> None:
@@ -882,34 +897,38 @@ def _wait_in_kernel(parked: _Parked) -> None:
     raise ProcLockError(msg)
 
 
-def _hand_over(parked: _Parked) -> None:
-    """Granted: tell the waiter, or (nobody wants it any more) unlock at once."""
-    taken = threading.Lock() if parked.loop is not None else None
+def _hand_over(parked: _Parked) -> Callable[[], None] | None:
+    """Granted: tell the waiter (a thread: returned, for _helper to do last), or unlock."""
+    loop = parked.loop
+    taken = threading.Lock() if loop is not None else None
     if taken is not None:
         taken.acquire()
     with parked.mutex:
         wanted = parked.state == WAITING
         parked.state = GRANTED if wanted else DONE
         parked.taken = taken
-        notify, loop = parked.notify, parked.loop
-    if wanted:
-        _unpark(parked)  # the waiter holds it now, as any holder does
+        notify = parked.notify
+    if not wanted:
         try:
-            notify()
-        except RuntimeError:  # the waiter's event loop is closed: nobody will take it
-            with parked.mutex:
-                if parked.state == GRANTED:
-                    parked.state = DONE
-                    wanted = False
-        if not wanted:
-            _discard(parked.private, parked)
-        elif taken is not None:
-            _watch_grant(parked, taken, loop)
-        return
+            _discard(parked.private, parked)  # a grant nobody wants: unlock at once
+        finally:
+            _unpark(parked)
+        return None
+    _unpark(parked)  # the waiter holds it now, as any holder does
+    if taken is None:
+        return notify  # a thread: it cannot be gone, it wakes and takes the grant
     try:
-        _discard(parked.private, parked)  # a grant nobody wants: unlock at once
-    finally:
-        _unpark(parked)
+        notify()
+    except RuntimeError:  # the waiter's event loop is closed: nobody will take it
+        with parked.mutex:
+            if parked.state == GRANTED:
+                parked.state = DONE
+                wanted = False
+    if wanted:
+        _watch_grant(parked, taken, loop)
+    else:
+        _discard(parked.private, parked)
+    return None
 
 
 def _watch_grant(parked: _Parked, taken: threading.Lock, loop: Any) -> None:
@@ -1142,5 +1161,5 @@ def _parking_after_fork() -> None:
     _parked.clear()
     _in_kernel_on.clear()
     _in_kernel = 0
-    _jobs = SimpleQueue()  # the helper threads do not exist here
+    _jobs = None  # the helper threads do not exist here
     _helpers_idle = 0

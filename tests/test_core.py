@@ -1,0 +1,179 @@
+"""The core's shape: one path for every caller, narrow backends, frozen values, bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import threading
+
+import pytest
+
+from helpers import held_by_another_description
+from proclock import LockTimeoutError, ProcessLock, _core, lock_path, process_locked
+from proclock.backends import FLOCK, Backend, Handle
+from proclock.backends import flock as flock_backend
+
+
+def test_the_backend_protocol_is_checked_at_run_time():
+    assert isinstance(FLOCK, Backend)
+    assert not isinstance(object(), Backend)
+    assert {"shared", "fd", "freed-on-exit", "local"} <= FLOCK.capabilities
+
+
+def test_lock_spec_and_handle_are_frozen(lock_dir):
+    lock = ProcessLock("frozen", timeout=1)
+    spec = lock.spec
+    with pytest.raises(AttributeError):
+        spec.timeout = 2  # type: ignore[misc]
+    assert spec == ProcessLock("frozen", timeout=1).spec  # compared by value
+    assert spec.replace(timeout=2).timeout == 2
+    assert spec.timeout == 1
+    acquired = lock.acquire()
+    try:
+        handle = acquired.handle
+        assert isinstance(handle, Handle)
+        assert handle.location == lock.path
+        assert handle.fd is not None
+        assert handle.fencing_token is None
+        for field in ("location", "fd", "fencing_token", "shared"):
+            with pytest.raises(AttributeError):
+                setattr(handle, field, None)
+    finally:
+        acquired.release()
+
+
+def test_every_kind_of_decorated_call_takes_the_same_core_path(lock_dir, monkeypatch):
+    taken, given = [], []
+    real_take, real_take_async, real_give = _core.take, _core.take_async, _core.give
+
+    def take(*args, **kwargs):
+        taken.append("sync")
+        return real_take(*args, **kwargs)
+
+    async def take_async(*args, **kwargs):
+        taken.append("async")
+        return await real_take_async(*args, **kwargs)
+
+    def give(hold):
+        given.append(hold)
+        return real_give(hold)
+
+    monkeypatch.setattr(_core, "take", take)
+    monkeypatch.setattr(_core, "take_async", take_async)
+    monkeypatch.setattr(_core, "give", give)
+
+    @process_locked("fixed")
+    def fixed():
+        return 1
+
+    @process_locked("t-{n}")
+    def template(n):
+        return n
+
+    @process_locked("gen")
+    def gen():
+        yield 1
+
+    @process_locked("co")
+    async def co():
+        return 2
+
+    @process_locked("agen")
+    async def agen():
+        yield 3
+
+    async def run_async():
+        assert await co() == 2
+        assert [x async for x in agen()] == [3]
+
+    assert fixed() == 1
+    assert template(5) == 5
+    assert list(gen()) == [1]
+    asyncio.run(run_async())
+    with ProcessLock("direct"):
+        pass
+    assert taken == ["sync", "sync", "sync", "async", "async", "sync"]
+    assert len(given) == 6
+
+
+@pytest.mark.timeout(30)
+def test_past_the_parked_bound_a_timed_wait_polls_and_still_gets_the_lock(lock_dir, monkeypatch):
+    monkeypatch.setattr(flock_backend, "PARKED_MAX", 1)
+    got, errors = [], []
+
+    def waiter(tag):
+        try:
+            with ProcessLock("bounded", timeout=20):
+                got.append(tag)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with held_by_another_description("bounded") as fd:
+        first = threading.Thread(target=waiter, args=("parked",))
+        first.start()
+        # The first waiter's helper is in flock(2): the bound is reached.
+        assert _wait_for(lambda: flock_backend.parked_waits() == 1)
+        second = threading.Thread(target=waiter, args=("polling",))
+        second.start()
+        # The second one polls instead of parking a second helper.
+        location = os.path.realpath(lock_path("bounded"))
+        assert _wait_for(lambda: _core.snapshot().get(location, {}).get("waiters") == 2)
+        assert flock_backend.parked_waits() == 1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        first.join(30)
+        second.join(30)
+    assert errors == []
+    assert sorted(got) == ["parked", "polling"]
+
+
+def test_a_timed_wait_past_the_bound_times_out_on_time(lock_dir, monkeypatch):
+    monkeypatch.setattr(flock_backend, "PARKED_MAX", 0)
+    with held_by_another_description("poll-timeout"), pytest.raises(LockTimeoutError) as info:
+        ProcessLock("poll-timeout", timeout=0.2).acquire()
+    assert 0.2 <= info.value.waited < 5
+    assert flock_backend.parked_waits() == 0
+
+
+def test_idle_descriptions_are_bounded_per_file(lock_dir):
+    path = os.path.realpath(lock_path("pool"))
+    release = threading.Event()
+    held = threading.Barrier(11)
+
+    def hold():
+        with ProcessLock("pool", shared=True):  # readers: all ten hold at once
+            held.wait(30)
+            release.wait(30)
+
+    threads = [threading.Thread(target=hold) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    held.wait(30)
+    during = _open_descriptions(path)  # ten owners at once: ten descriptions of their own
+    release.set()
+    for thread in threads:
+        thread.join(30)
+    assert during == 10
+    # Once they are idle, at most IDLE_PER_FILE of them are kept open.
+    assert _open_descriptions(path) == flock_backend.IDLE_PER_FILE
+
+
+def _open_descriptions(path):
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == path
+        except OSError:
+            continue
+    return count
+
+
+def _wait_for(predicate, timeout=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
