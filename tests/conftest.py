@@ -14,6 +14,62 @@ import pytest
 import proclock
 
 SPAWN = multiprocessing.get_context("spawn")
+POSTGRES_URL = os.environ.get(
+    "PROCLOCK_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("PROCLOCK_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# CI (.ci/run) sets it: a missing server or driver then fails the tests that need it.
+REQUIRED = os.environ.get("PROCLOCK_REQUIRE_SERVICES") == "1"
+
+
+def unusable(reason: str):
+    """Skip the test for want of a server or driver; in CI (REQUIRED), fail it instead."""
+    if REQUIRED:
+        pytest.fail(f"{reason} (PROCLOCK_REQUIRE_SERVICES=1 turns this skip into a failure)")
+    pytest.skip(reason)
+
+
+def require_module(name: str, extra: str):
+    """Import a driver for a test module: skipped without it, failed without it in CI."""
+    try:
+        return __import__(name)
+    except ImportError as exc:
+        message = f"{name} is not installed (pip install 'proclock[{extra}]'): {exc}"
+        if REQUIRED:
+            pytest.fail(
+                f"{message} (PROCLOCK_REQUIRE_SERVICES=1 turns this skip into a failure)",
+                pytrace=False,
+            )
+        pytest.skip(message, allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """The PostgreSQL server of the backend tests, checked to answer."""
+    psycopg = require_module("psycopg", "postgres")
+    try:
+        psycopg.connect(POSTGRES_URL, connect_timeout=3).close()
+    except psycopg.Error as exc:
+        unusable(
+            f"PostgreSQL is not reachable at {POSTGRES_URL} ($PROCLOCK_TEST_POSTGRES_URL): {exc}"
+        )
+    return POSTGRES_URL
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """The Redis server of the backend tests, checked to answer."""
+    redis = require_module("redis", "redis")
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        unusable(f"no Redis server at {REDIS_URL} ($PROCLOCK_TEST_REDIS_URL): {exc}")
+    finally:
+        client.close()
+    return REDIS_URL
+
+
 FORK = multiprocessing.get_context("fork")
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))  # so that spawned children can import tests' helper modules
@@ -65,4 +121,4 @@ def _no_leftover_holds():
     assert not held, f"test left locks held: {held}"
 
 
-__all__ = ["FORK", "SPAWN", "TESTS", "proclock"]
+__all__ = ["FORK", "POSTGRES_URL", "REDIS_URL", "REQUIRED", "SPAWN", "TESTS", "proclock"]

@@ -27,10 +27,11 @@ from contextlib import contextmanager
 
 import pytest
 
-psycopg = pytest.importorskip("psycopg")
+from conftest import POSTGRES_URL, SPAWN, require_module
+
+psycopg = require_module("psycopg", "postgres")
 
 import pg_children  # noqa: E402
-from conftest import SPAWN  # noqa: E402
 from proclock import (  # noqa: E402
     BackendUnavailableError,
     LockHeldError,
@@ -43,22 +44,15 @@ from proclock import (  # noqa: E402
 from proclock.backends import Backend, Handle, PostgresBackend, resolve  # noqa: E402
 from proclock.backends import postgres as pg  # noqa: E402
 
-URL = os.environ.get("PROCLOCK_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+URL = POSTGRES_URL
 CLOSED = "postgresql://postgres@127.0.0.1:1/test"  # nothing listens on port 1
 FORK_WARNING = "ignore:This process .* is multi-threaded:DeprecationWarning"
 HOST = os.uname().nodename
 
 
 @pytest.fixture(scope="module")
-def url():
-    try:
-        psycopg.connect(URL, connect_timeout=3).close()
-    except psycopg.Error as exc:
-        reason = f"PostgreSQL is not reachable at {URL} ($PROCLOCK_TEST_POSTGRES_URL): {exc}"
-        if os.environ.get("PROCLOCK_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return URL
+def url(postgres_url):
+    return postgres_url
 
 
 @pytest.fixture

@@ -26,25 +26,12 @@ import uuid
 
 import pytest
 
-from conftest import SPAWN
+from conftest import REDIS_URL, SPAWN, require_module, unusable
 
-URL = os.environ.get("PROCLOCK_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-REQUIRED = os.environ.get("PROCLOCK_REQUIRE_SERVICES") == "1"
+URL = REDIS_URL
 FORK_WARNING = "ignore:This process .* is multi-threaded:DeprecationWarning"
 
-if REQUIRED:  # CI installs every extra: a missing driver fails the run, never skips it
-    try:
-        import redis
-    except ImportError as exc:
-        pytest.fail(
-            f"redis-py is not installed: {exc} (PROCLOCK_REQUIRE_SERVICES=1 turns this skip "
-            "into a failure)",
-            pytrace=False,
-        )
-else:
-    redis = pytest.importorskip(
-        "redis", reason="redis-py is not installed (pip install 'proclock[redis]')"
-    )
+redis = require_module("redis", "redis")
 
 # Both import the backend, which needs redis-py: after the check above.
 import redis_children  # noqa: E402
@@ -58,22 +45,9 @@ from proclock import (  # noqa: E402
 from proclock.backends import RedisBackend  # noqa: E402
 
 
-def _unusable(reason: str):
-    if REQUIRED:
-        pytest.fail(f"{reason} (PROCLOCK_REQUIRE_SERVICES=1 turns this skip into a failure)")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
-def url():
-    client = redis.Redis.from_url(URL, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as exc:
-        _unusable(f"no Redis server at {URL} (set PROCLOCK_TEST_REDIS_URL): {exc}")
-    finally:
-        client.close()
-    return URL
+def url(redis_url):
+    return redis_url
 
 
 @pytest.fixture
@@ -104,7 +78,7 @@ def private_redis():
     """(url, process) of a redis-server of this test's own, on a Unix socket: free to kill."""
     exe = shutil.which("redis-server")
     if exe is None:
-        _unusable("redis-server is not on PATH (a test that stops a server starts its own)")
+        unusable("redis-server is not on PATH (a test that stops a server starts its own)")
     directory = tempfile.mkdtemp(prefix="proclock-redis-")  # short: sun_path has 108 bytes
     sock = os.path.join(directory, "redis.sock")
     args = [exe, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no"]

@@ -37,11 +37,6 @@ from proclock import (
 )
 from proclock.backends._base import FENCING, FREED_ON_EXIT, LOSS, SHARED
 
-POSTGRES_URL = os.environ.get(
-    "PROCLOCK_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
-REDIS_URL = os.environ.get("PROCLOCK_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-REQUIRED = os.environ.get("PROCLOCK_REQUIRE_SERVICES") == "1"
 TTL = 1.0  # the Redis lease: a dead holder frees the lock within it
 HEARTBEAT = 0.1  # how often the PostgreSQL backend checks a held lock's session
 NAME = "contract"
@@ -50,58 +45,6 @@ BACKENDS = ("flock", "postgres", "redis")
 
 
 # -- the backends ------------------------------------------------------------------------------
-
-
-def _unusable(reason):
-    if REQUIRED:
-        pytest.fail(f"{reason} (PROCLOCK_REQUIRE_SERVICES=1 turns this skip into a failure)")
-    pytest.skip(reason)
-
-
-def _ported(cls, kind):
-    """Skip (or fail) while the backend is not yet ported to the Backend protocol."""
-    missing = [m for m in ("try_acquire", "acquire", "acquire_async") if not hasattr(cls, m)]
-    if missing or not isinstance(getattr(cls, "capabilities", None), frozenset):
-        _unusable(f"the {kind} backend does not implement the Backend protocol (no {missing})")
-
-
-@pytest.fixture(scope="session")
-def postgres_url():
-    try:
-        import psycopg
-    except ImportError as exc:
-        _unusable(f"psycopg is not installed (pip install 'proclock[postgres]'): {exc}")
-    try:
-        from proclock.backends import PostgresBackend
-    except ImportError as exc:
-        _unusable(f"the PostgreSQL backend cannot be imported: {exc}")
-    _ported(PostgresBackend, "postgres")
-    try:
-        psycopg.connect(POSTGRES_URL, connect_timeout=3).close()
-    except psycopg.Error as exc:
-        _unusable(f"PostgreSQL is not reachable at {POSTGRES_URL}: {exc}")
-    return POSTGRES_URL
-
-
-@pytest.fixture(scope="session")
-def redis_url():
-    try:
-        import redis
-    except ImportError as exc:
-        _unusable(f"redis-py is not installed (pip install 'proclock[redis]'): {exc}")
-    try:
-        from proclock.backends import RedisBackend
-    except ImportError as exc:
-        _unusable(f"the Redis backend cannot be imported: {exc}")
-    _ported(RedisBackend, "redis")
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as exc:
-        _unusable(f"no Redis server at {REDIS_URL}: {exc}")
-    finally:
-        client.close()
-    return REDIS_URL
 
 
 @pytest.fixture

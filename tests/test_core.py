@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from children import fd_targets, wait_until
 from helpers import held_by_another_description
 from proclock import LockTimeoutError, ProcessLock, _core, lock_path, process_locked
 from proclock.backends import FLOCK, Backend, Handle
@@ -113,12 +114,12 @@ def test_past_the_parked_bound_a_timed_wait_polls_and_still_gets_the_lock(lock_d
         first = threading.Thread(target=waiter, args=("parked",))
         first.start()
         # The first waiter's helper is in flock(2): the bound is reached.
-        assert _wait_for(lambda: flock_backend.parked_waits() == 1)
+        assert wait_until(lambda: flock_backend.parked_waits() == 1)
         second = threading.Thread(target=waiter, args=("polling",))
         second.start()
         # The second one polls instead of parking a second helper.
         location = os.path.realpath(lock_path("bounded"))
-        assert _wait_for(lambda: _core.snapshot().get(location, {}).get("waiters") == 2)
+        assert wait_until(lambda: _core.snapshot().get(location, {}).get("waiters") == 2)
         assert flock_backend.parked_waits() == 1
         fcntl.flock(fd, fcntl.LOCK_UN)
         first.join(30)
@@ -149,31 +150,10 @@ def test_idle_descriptions_are_bounded_per_file(lock_dir):
     for thread in threads:
         thread.start()
     held.wait(30)
-    during = _open_descriptions(path)  # ten owners at once: ten descriptions of their own
+    during = fd_targets().count(path)  # ten owners at once: ten descriptions of their own
     release.set()
     for thread in threads:
         thread.join(30)
     assert during == 10
     # Once they are idle, at most IDLE_PER_FILE of them are kept open.
-    assert _open_descriptions(path) == flock_backend.IDLE_PER_FILE
-
-
-def _open_descriptions(path):
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            count += os.readlink(f"/proc/self/fd/{fd}") == path
-        except OSError:
-            continue
-    return count
-
-
-def _wait_for(predicate, timeout=10.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
+    assert fd_targets().count(path) == flock_backend.IDLE_PER_FILE

@@ -44,7 +44,7 @@ from .backends._base import LOCAL, LOSS
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from typing import Any
 
     from ._spec import LockSpec
@@ -353,48 +353,76 @@ def _refuse_self_deadlock(location: str, owner: object, *, sync: bool) -> None:
         raise ProcLockError(msg)
 
 
-def _busy(
-    spec: LockSpec, backend: Backend, location: str, start: float, attempts: int, *, timed: bool
-) -> LockHeldError:
-    cls = LockTimeoutError if timed else LockHeldError
-    return cls(
-        location, spec.label, None, _clock() - start, attempts, lookup=lambda: backend.holder(spec)
-    )
+class _Plan:
+    """What a contended acquisition does next, for the sync and the async driver alike.
+
+    After the first try failed: wait (if the spec allows) until the attempt's deadline, then,
+    while retries are left, pause and try again; when they are spent, raise the busy error.
+    """
+
+    __slots__ = ("attempts", "backend", "debug", "location", "pauses", "spec", "start", "wait")
+
+    def __init__(  # noqa: PLR0917  (internal: made in two places)
+        self,
+        spec: LockSpec,
+        backend: Backend,
+        location: str,
+        owner: object,
+        hold: Hold,
+        sync: bool,
+    ) -> None:
+        self.spec, self.backend, self.location = spec, backend, location
+        self.start = _clock()
+        self.wait = spec.blocking and spec.timeout != 0
+        self.attempts = 1
+        self.pauses: Iterator[float] | None = None
+        self.debug = _debug()
+        if self.wait:
+            _refuse_self_deadlock(location, owner, sync=sync)
+        if self.debug:
+            hold.since = self.start
+            if self.wait:
+                _log.debug("waiting for %r (%s)", spec.label, location)
+
+    def deadline(self) -> float | None:
+        """When this attempt's wait ends (None: never)."""
+        timeout = self.spec.timeout
+        return None if timeout is None else _clock() + timeout
+
+    def pause(self) -> float:
+        """The pause before the next attempt; raises the busy error when none is left."""
+        if self.pauses is None:
+            self.pauses = self.spec.retry.pauses()
+        pause = next(self.pauses, None)
+        spec = self.spec
+        if pause is None:
+            backend = self.backend
+            cls = LockTimeoutError if self.wait else LockHeldError
+            raise cls(
+                self.location,
+                spec.label,
+                None,
+                _clock() - self.start,
+                self.attempts,
+                lookup=lambda: backend.holder(spec),
+            )
+        if self.debug:
+            _log.debug("retrying %r in %.3fs (attempt %d)", spec.label, pause, self.attempts + 1)
+        self.attempts += 1
+        return pause
 
 
 def _contended(
     spec: LockSpec, backend: Backend, location: str, owner: object, hold: Hold
 ) -> Handle:
-    """The first LOCK_NB-style try failed: wait and retry as the spec says, or raise."""
-    start = _clock()
-    wait = spec.blocking and spec.timeout != 0
-    if wait:
-        _refuse_self_deadlock(location, owner, sync=True)
-    debug = _debug()
-    if debug:
-        hold.since = start
-        if wait:
-            _log.debug("waiting for %r (%s)", spec.label, location)
-    pauses = None
-    attempts = 1
-    attempt_start = start
+    """The first try failed: wait and retry as the spec says (_Plan), or raise."""
+    plan = _Plan(spec, backend, location, owner, hold, True)  # noqa: FBT003
     while True:
-        if wait:
-            timeout = spec.timeout
-            deadline = None if timeout is None else attempt_start + timeout
-            handle = backend.acquire(spec, deadline)
+        if plan.wait:
+            handle = backend.acquire(spec, plan.deadline())
             if handle is not None:
                 return handle
-        if pauses is None:
-            pauses = spec.retry.pauses()
-        pause = next(pauses, None)
-        if pause is None:
-            raise _busy(spec, backend, location, start, attempts, timed=wait)
-        if debug:
-            _log.debug("retrying %r in %.3fs (attempt %d)", spec.label, pause, attempts + 1)
-        sleep(pause)
-        attempts += 1
-        attempt_start = _clock()
+        sleep(plan.pause())
         handle = backend.try_acquire(spec)
         if handle is not None:
             return handle
@@ -403,35 +431,14 @@ def _contended(
 async def _contended_async(
     spec: LockSpec, backend: Backend, location: str, owner: object, hold: Hold
 ) -> Handle:
-    start = _clock()
-    wait = spec.blocking and spec.timeout != 0
-    if wait:
-        _refuse_self_deadlock(location, owner, sync=False)
-    debug = _debug()
-    if debug:
-        hold.since = start
-        if wait:
-            _log.debug("waiting for %r (%s)", spec.label, location)
-    pauses = None
-    attempts = 1
-    attempt_start = start
+    """`_contended` for coroutines: the same _Plan, waits that never block the event loop."""
+    plan = _Plan(spec, backend, location, owner, hold, False)  # noqa: FBT003
     while True:
-        if wait:
-            timeout = spec.timeout
-            deadline = None if timeout is None else attempt_start + timeout
-            handle = await backend.acquire_async(spec, deadline)
+        if plan.wait:
+            handle = await backend.acquire_async(spec, plan.deadline())
             if handle is not None:
                 return handle
-        if pauses is None:
-            pauses = spec.retry.pauses()
-        pause = next(pauses, None)
-        if pause is None:
-            raise _busy(spec, backend, location, start, attempts, timed=wait)
-        if debug:
-            _log.debug("retrying %r in %.3fs (attempt %d)", spec.label, pause, attempts + 1)
-        await _async_sleep(pause)
-        attempts += 1
-        attempt_start = _clock()
+        await _async_sleep(plan.pause())
         handle = await _try_async(spec, backend)
         if handle is not None:
             return handle
