@@ -120,6 +120,16 @@ exit status: 0; 1 a file could not be deleted; 2 bad usage; 73 the directory can
 """
 
 
+class _Version(argparse.Action):
+    """--version, looked up only when asked for (importlib.metadata costs ~20 ms per start)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        import proclock  # noqa: PLC0415
+
+        sys.stdout.write(f"{PROG} {proclock.__version__}\n")
+        parser.exit()
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (then exit 2), never a traceback."""
 
@@ -190,13 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=MAIN_EPILOG,
         formatter_class=fmt,
     )
-    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
-
-    try:
-        ver = version("proclock")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        ver = "unknown"
-    parser.add_argument("-V", "--version", action="version", version=f"{PROG} {ver}")
+    parser.add_argument(
+        "-V", "--version", action=_Version, nargs=0, help="print the version and exit"
+    )
     sub = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
 
     run = sub.add_parser(
