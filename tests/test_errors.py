@@ -268,3 +268,20 @@ def test_lock_name_error_names_the_name(lock_dir, make, name):
     assert repr(name) in str(info.value)
     copy = roundtrip(info.value)
     check_same(info.value, copy, {"name": name})
+
+
+def test_a_holder_is_described_on_one_line_with_control_characters_escaped():
+    from proclock import Holder
+
+    holder = Holder(pid=42, argv=("/usr/bin/python3", "job.py", "line\nbreak", "\x1b[31mred"))
+    text = holder.describe()
+    assert text.startswith("pid 42 (python3 job.py line")
+    assert "\n" not in text
+    assert "\x1b" not in text
+    assert "\\n" in text
+    assert "\\x1b" in text
+    long = Holder(pid=7, argv=("prog", "x" * 500)).describe()
+    assert len(long) < 100
+    assert long.endswith("...)")
+    message = str(proclock.LockHeldError("/l", "name", holder))
+    assert "\n" not in message

@@ -395,3 +395,33 @@ def test_explicit_timeout_none_waits_forever(lock_dir):
         assert outcome == []
     waiter.join(30)
     assert outcome == ["held"]
+
+
+# -- refusals name the option at fault ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "words"),
+    [
+        pytest.param({"lock_dir": 123}, TypeError, "lock_dir", id="lock_dir-int"),
+        pytest.param({"shared": "yes"}, TypeError, "shared", id="shared-str"),
+        pytest.param({"reentrant": 1}, TypeError, "reentrant", id="reentrant-int"),
+        pytest.param({"mode": 600}, ValueError, "did you mean 0o600?", id="mode-decimal"),
+        pytest.param({"mode": 0o400}, ValueError, "owner must be able to read and write", id="ro"),
+    ],
+)
+def test_a_refusal_names_the_option(lock_dir, options, error, words):
+    with pytest.raises(error, match=words.replace("?", r"\?")):
+        ProcessLock("named", **options)
+
+
+def test_a_positional_timeout_is_explained(lock_dir):
+    with pytest.raises(TypeError, match=r"timeout is keyword-only: acquire\(timeout=5\)"):
+        ProcessLock("positional").acquire(5)
+
+
+def test_an_error_after_retries_says_how_many_attempts(lock_dir, sleeps):
+    with held_by_another_description("tries"), pytest.raises(LockHeldError) as info:
+        ProcessLock("tries", blocking=False, retry=3).acquire()
+    assert info.value.attempts == 3
+    assert "(3 attempts)" in str(info.value)
