@@ -687,3 +687,13 @@ def test_readers_share_with_another_process(lock_dir):
             write()
     with held_by_child("rw", lock_dir), pytest.raises(LockHeldError):
         read()
+
+
+@pytest.mark.parametrize("decorator", [process_locked, process_locked("named")])
+def test_decorating_a_class_says_to_decorate_a_method(decorator):
+    class Job:
+        def run(self):
+            pass
+
+    with pytest.raises(TypeError, match=r"not a class \(.*Job\): decorate the method"):
+        decorator(Job)

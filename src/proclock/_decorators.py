@@ -374,6 +374,12 @@ def _build(
     singleton: bool,
 ) -> Any:
     # classmethod objects are not callable themselves; wrapt binds them (decorator outside).
+    if isinstance(func, type):
+        msg = (
+            f"proclock decorates functions and methods, not a class ({func.__qualname__}): "
+            "decorate the method that must run under the lock, e.g. its run() or __call__()"
+        )
+        raise TypeError(msg)
     if not callable(func) and not isinstance(func, (classmethod, staticmethod)):
         msg = f"proclock decorates functions, not {type(func).__name__}"
         raise TypeError(msg)
