@@ -505,6 +505,17 @@ def give(hold: Hold) -> None:
         raise _lost_error(hold, lost)
 
 
+def give_again(hold: Hold, count: int) -> None:
+    """After `give(hold)` raised: give it back after all if give() never began.
+
+    A KeyboardInterrupt can land on give()'s very first instruction, before anything of it
+    ran; only its caller can tell (the count it read before the call is unchanged) and redo it.
+    Callers: `count = hold.count; try: give(hold) except BaseException: give_again(hold, count)`.
+    """
+    if hold.count == count and hold.state == HELD:
+        give(hold)
+
+
 def _finish_release(hold: Hold) -> None:
     """RELEASING -> RELEASED: give the handle back (idempotent), then unregister."""
     handle = hold.handle

@@ -37,7 +37,6 @@ _CO_ITERABLE_COROUTINE = 0x100
 _CO_ASYNC_GENERATOR = 0x200
 _OUTCOMES = ("raise", "skip", "exit")
 _CACHE_MAX = 1024
-_HELD = _core.HELD
 
 
 def _code_flags(func: Any) -> int:
@@ -253,8 +252,7 @@ def _decorate(func: Any, spec: _Spec) -> Any:
                     try:
                         give(hold)
                     except BaseException:
-                        if hold.count == count and hold.state == _HELD:
-                            give(hold)  # Ctrl-C at give()'s first instruction: redo it
+                        _core.give_again(hold, count)  # Ctrl-C at give()'s first instruction
                         raise
 
             return call()
@@ -281,8 +279,7 @@ def _decorate(func: Any, spec: _Spec) -> Any:
                 try:
                     give(hold)
                 except BaseException:
-                    if hold.count == count and hold.state == _HELD:
-                        give(hold)  # Ctrl-C at give()'s first instruction: redo it
+                    _core.give_again(hold, count)  # Ctrl-C at give()'s first instruction
                     raise
 
     return _wrapper_class()(func, wrapper)
@@ -317,8 +314,7 @@ def _locked_generator(lock: ProcessLock, spec: _Spec, gen: Any) -> Any:
             try:
                 _core.give(hold)
             except BaseException:
-                if hold.count == count and hold.state == _HELD:
-                    _core.give(hold)  # Ctrl-C at give()'s first instruction: redo it
+                _core.give_again(hold, count)  # Ctrl-C at give()'s first instruction
                 raise
 
 
@@ -359,8 +355,7 @@ async def _locked_async_generator(lock: ProcessLock, spec: _Spec, agen: Any) -> 
             try:
                 _core.give(hold)
             except BaseException:
-                if hold.count == count and hold.state == _HELD:
-                    _core.give(hold)  # Ctrl-C at give()'s first instruction: redo it
+                _core.give_again(hold, count)  # Ctrl-C at give()'s first instruction
                 raise
 
 

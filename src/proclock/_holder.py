@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 
 from ._record import Frozen
 
@@ -105,12 +104,6 @@ def _proc_cmdline(pid: int) -> tuple[str, ...] | None:
     return tuple(os.fsdecode(p) for p in parts) or None
 
 
-def _json_str(value: str) -> str:
-    import json  # noqa: PLC0415  (lazy: keeps `import proclock` cheap)
-
-    return json.dumps(value)
-
-
 def metadata_prefix(name: str, via: int | None = None) -> bytes:
     """Everything this process writes into a lock file except the acquisition time.
 
@@ -157,12 +150,6 @@ def metadata_parts(name: str, via: int | None = None) -> tuple[bytes, bytes]:
     size = -(-(len(prefix) + 32) // _META_BLOCK) * _META_BLOCK
     # "%.6f" of an epoch time is 17 characters until the year 2286: the size stays fixed.
     return prefix, b"}" + b" " * (size - len(prefix) - 19) + b"\n"
-
-
-def metadata(name: str) -> bytes:
-    """The record written after each exclusive acquisition."""
-    prefix, suffix = metadata_parts(name)
-    return prefix + b"%.6f" % time.time() + suffix
 
 
 def _parse(data: bytes) -> dict[str, Any] | None:

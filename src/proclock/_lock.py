@@ -312,7 +312,7 @@ class ProcessLock:
         else:
             spec = self._spec_for(blocking, timeout)
         hold = _core.take(spec, self._backend, _core.current_owner(), self._on_lost)
-        try:
+        try:  # inline, not a call: Ctrl-C on a callee's first instruction would lose the hold
             self._entries.append(hold)
             return Acquired(self, hold)
         except BaseException:
@@ -325,10 +325,7 @@ class ProcessLock:
         """`acquire` for coroutines: waits without blocking the event loop; cancellable."""
         spec = self._spec_for(blocking, timeout)
         hold = await _core.take_async(spec, self._backend, _core.current_owner(), self._on_lost)
-        return self._record(hold)
-
-    def _record(self, hold: Hold) -> Acquired:
-        try:
+        try:  # inline, not a call: Ctrl-C on a callee's first instruction would lose the hold
             self._entries.append(hold)
             return Acquired(self, hold)
         except BaseException:
@@ -385,8 +382,7 @@ class ProcessLock:
         try:
             _core.give(hold)
         except BaseException:
-            if hold.count == count and hold.state == _core.HELD:
-                _core.give(hold)  # interrupted before give() began: give it back all the same
+            _core.give_again(hold, count)  # interrupted before give() began: all the same
             raise
         finally:
             entries = self._entries

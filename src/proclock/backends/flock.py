@@ -315,12 +315,14 @@ def _discard(desc: _Desc | None, owner: object) -> None:
     _put_back(desc, owner)
 
 
-def _verify(desc: _Desc, path: str) -> os.stat_result | None:
+def _verify(desc: _Desc, path: str, st: os.stat_result | None = None) -> os.stat_result | None:
     """After the lock was granted: fstat of the description if the file is still at `path`.
 
-    The caller checked, just before flock(2), that the number is this description's.
+    The caller checked, just before flock(2), that the number is this description's; `st` is
+    the fstat it made since, if any (not made twice).
     """
-    st = _fstat(desc.fd)
+    if st is None:
+        st = _fstat(desc.fd)
     if st.st_nlink and st.st_ctime_ns == desc.ctime and st.st_ino == desc.ino:
         return st  # nothing changed the inode's links or names since the path last matched
     if _flock.still_at_path(desc.dev, desc.ino, path) is None:
@@ -526,7 +528,7 @@ def _attempt(spec: LockSpec, deadline: float | None = _NO_WAIT) -> Handle | None
                 and st.st_ctime_ns == desc.ctime
                 and st.st_ino == desc.ino
             ):
-                st = _verify(desc, path)  # something changed the inode: look up the path
+                st = _verify(desc, path, st)  # something changed the inode: look up the path
             if st is None:
                 _unlock_and_close(desc, handle)
                 continue
@@ -671,13 +673,10 @@ class FlockBackend:
                 # Close, never unlock: the description is shared with the parent, and LOCK_UN
                 # here would release the parent's lock. Closing means that a parent killed with
                 # SIGKILL does not leave its lock alive in this child.
-                if state != CLOSED and desc.magic is not None:
-                    try:
-                        same = _lseek(desc.fd, 0, _SEEK_CUR) == desc.magic
-                    except OSError:
-                        same = False
-                    if same:
-                        os.close(desc.fd)
+                if state != CLOSED and _flock.same_description(
+                    desc.fd, desc.magic, desc.dev, desc.ino
+                ):
+                    os.close(desc.fd)
 
     @staticmethod
     def handed_over(handle: Handle) -> None:
