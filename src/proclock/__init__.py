@@ -14,6 +14,15 @@ from ._errors import (
 from ._holder import Holder
 from ._lock import Acquired, ProcessLock, lock_path
 from ._policy import Retry
+from ._semaphore import (
+    ProcessSemaphore,
+    SemaphoreFullError,
+    SemaphoreTimeoutError,
+    Slot,
+    SlotHolder,
+    current_slot,
+    process_limited,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -49,9 +58,16 @@ __all__ = [
     "LockTimeoutError",
     "ProcLockError",
     "ProcessLock",
+    "ProcessSemaphore",
     "Retry",
+    "SemaphoreFullError",
+    "SemaphoreTimeoutError",
+    "Slot",
+    "SlotHolder",
     "UnsafeLockPathError",
+    "current_slot",
     "lock_path",
+    "process_limited",
     "process_locked",
     "singleton_process",
 ]

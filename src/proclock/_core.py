@@ -397,6 +397,9 @@ class _Plan:
         spec = self.spec
         if pause is None:
             backend = self.backend
+            busy = getattr(backend, "busy_error", None)
+            if busy is not None:  # a backend whose busy errors say more (a semaphore's)
+                raise busy(spec, self.location, self.wait, _clock() - self.start, self.attempts)
             cls = LockTimeoutError if self.wait else LockHeldError
             raise cls(
                 self.location,

@@ -1,0 +1,218 @@
+"""Waiting for any one of several flock(2) locks at once, woken by the kernel: no polling.
+
+A semaphore's head waiter waits for whichever of its N slot files frees first. flock(2) has no
+"wait for any", so each file gets a parked wait of its own (the flock backend's helper threads,
+`flock._start_parked`), all of them waking the one waiter through one notifier. The first
+grant found is taken; every other wait is given up exactly as a lock's waiter gives up its
+parked wait: still blocked in the kernel, it is left for the next waiter of this process on the
+same file to adopt; already granted, it is unlocked at once.
+
+What this module guarantees, on top of what `flock` guarantees of each parked wait:
+
+- At most one of the files is returned held; an exception at any point (Ctrl-C,
+  cancellation, a failed wait) leaves none of them held by this call.
+- A grant is never missed: the notifier is re-armed before the waits' states are read, so a
+  grant that lands while they are read wakes the next wait at once.
+- Past `flock.PARKED_MAX` helpers in the kernel, the wait falls back to the flock backend's
+  documented bounded back-off (LOCK_NB tries of every file), as a lock's timed wait does.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from . import flock as _fl
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
+    from .._spec import LockSpec
+    from ._base import Handle
+
+_clock = time.monotonic
+
+
+def _start_all(
+    specs: Sequence[LockSpec], notify: Callable[[], None], loop: Any
+) -> list[_fl._Attempt] | None:
+    """A parked wait per file, all notifying `notify`; None (none left) past the bound."""
+    attempts: list[_fl._Attempt] = []
+    try:
+        for spec in specs:
+            attempt = _fl._Attempt()
+            attempts.append(attempt)
+            if not _fl._start_parked(spec, _fl.FLOCK.locate(spec), notify, attempt, loop):
+                attempts.pop()
+                _give_up_all(attempts)
+                return None
+    except BaseException:
+        _give_up_all(attempts)
+        raise
+    return attempts
+
+
+def _give_up_all(attempts: Sequence[_fl._Attempt | None], keep: int = -1) -> None:
+    """Give up every wait but `keep`'s (an exception in one still gives up the others)."""
+    error: BaseException | None = None
+    for i, attempt in enumerate(attempts):
+        if attempt is None or i == keep:
+            continue
+        try:
+            _fl._give_up(attempt)
+        except BaseException as exc:  # noqa: BLE001  (re-raised once all are given up)
+            error = error or exc
+    if error is not None:
+        raise error
+
+
+def _collect(
+    specs: Sequence[LockSpec], attempts: list[_fl._Attempt | None], loop: Any
+) -> tuple[int, Handle] | None:
+    """The first granted wait, taken; a wait whose file was replaced is started anew.
+
+    Raises what a failed wait failed with.
+    """
+    for i, attempt in enumerate(attempts):
+        parked = attempt.parked if attempt is not None else None
+        if parked is None or parked.state not in (_fl.GRANTED, _fl.FAILED):
+            continue  # still waiting (GRANTED and FAILED are set by the helper, and final)
+        spec = specs[i]
+        located = _fl.FLOCK.locate(spec)
+        handle = _fl._settle(attempt, spec, located[0])  # type: ignore[arg-type]
+        if handle is not None:
+            return i, handle
+        # Granted on a file that was replaced meanwhile: wait on the new one.
+        notify = parked.notify
+        fresh = _fl._Attempt()
+        attempts[i] = fresh
+        if not _fl._start_parked(spec, located, notify, fresh, loop):
+            attempts[i] = None  # past the bound: the other files are still waited on
+    return None
+
+
+def _poll_any(specs: Sequence[LockSpec], deadline: float | None) -> tuple[int, Handle] | None:
+    """Past PARKED_MAX: LOCK_NB tries of every file with the documented back-off."""
+    pause = _fl.POLL_FIRST
+    while True:
+        got = try_any(specs)
+        if got is not None:
+            return got
+        remaining = None if deadline is None else deadline - _clock()
+        if remaining is not None and remaining <= 0:
+            return None
+        time.sleep(pause if remaining is None else min(pause, remaining))
+        pause = min(pause * 2, _fl.POLL_MAX)
+
+
+def try_any(specs: Sequence[LockSpec]) -> tuple[int, Handle] | None:
+    """One LOCK_NB try of each file in order: the first that is free, held; else None."""
+    for i, spec in enumerate(specs):
+        handle = _fl.FLOCK.try_acquire(spec)
+        if handle is not None:
+            return i, handle
+    return None
+
+
+def wait_any(specs: Sequence[LockSpec], deadline: float | None) -> tuple[int, Handle] | None:
+    """Wait until one of the files is ours (index, handle), or None once `deadline` passed."""
+    event = threading.Event()
+    started = _start_all(specs, event.set, None)
+    if started is None:
+        return _poll_any(specs, deadline)
+    attempts: list[_fl._Attempt | None] = list(started)
+    won = -1
+    try:
+        while True:
+            event.clear()  # re-armed before the states are read: no grant is missed
+            got = _collect(specs, attempts, None)
+            if got is not None:
+                won = got[0]
+                return got
+            if not any(a is not None for a in attempts):
+                return _poll_any(specs, deadline)
+            if deadline is None:
+                event.wait()
+            else:
+                remaining = deadline - _clock()
+                if remaining <= 0:
+                    return None
+                event.wait(remaining)
+    finally:
+        _give_up_all(attempts, won)
+
+
+async def wait_any_async(
+    specs: Sequence[LockSpec], deadline: float | None
+) -> tuple[int, Handle] | None:
+    """`wait_any` for coroutines: the event loop never blocks; cancellation leaves none held."""
+    import asyncio  # noqa: PLC0415
+    import weakref  # noqa: PLC0415  (asyncio has imported it already)
+
+    loop = asyncio.get_running_loop()
+    # The helpers hold the current future weakly (through its cell), as a lock's parked wait
+    # does: a task whose event loop was closed before it took a grant must be garbage, so
+    # that closing its coroutine gives the grant back.
+    cell = _Cell((loop.create_future(),))
+    ref = weakref.ref(cell)
+
+    def notify() -> None:
+        # From a helper thread; RuntimeError (nobody will take it) if the loop is closed or
+        # the waiting task is gone, as for a lock's parked wait.
+        held = ref()
+        if held is None:
+            msg = "the waiting task is gone"
+            raise RuntimeError(msg)
+        loop.call_soon_threadsafe(_resolve, held)
+
+    started = _start_all(specs, notify, loop)
+    if started is None:
+        return await _poll_any_async(specs, deadline, asyncio)
+    attempts: list[_fl._Attempt | None] = list(started)
+    won = -1
+    try:
+        while True:
+            cell[0] = loop.create_future()  # re-armed before the states are read
+            got = _collect(specs, attempts, loop)
+            if got is not None:
+                won = got[0]
+                return got
+            if not any(a is not None for a in attempts):
+                return await _poll_any_async(specs, deadline, asyncio)
+            remaining = None if deadline is None else deadline - _clock()
+            if remaining is not None and remaining <= 0:
+                return None
+            # asyncio.wait neither raises on timeout nor cancels the future it watches.
+            await asyncio.wait((cell[0],), timeout=remaining)
+    finally:
+        _give_up_all(attempts, won)
+
+
+class _Cell(list):  # type: ignore[type-arg]
+    """The future an async waiter awaits now, re-armed each round; weakly referenceable."""
+
+    __slots__ = ("__weakref__",)
+
+
+def _resolve(cell: list[asyncio.Future[None]]) -> None:
+    future = cell[0]
+    if not future.done():
+        future.set_result(None)
+
+
+async def _poll_any_async(
+    specs: Sequence[LockSpec], deadline: float | None, asyncio: Any
+) -> tuple[int, Handle] | None:
+    pause = _fl.POLL_FIRST
+    while True:
+        got = try_any(specs)
+        if got is not None:
+            return got
+        remaining = None if deadline is None else deadline - _clock()
+        if remaining is not None and remaining <= 0:
+            return None
+        await asyncio.sleep(pause if remaining is None else min(pause, remaining))
+        pause = min(pause * 2, _fl.POLL_MAX)

@@ -1,0 +1,96 @@
+"""Targets for the semaphore tests' child processes (importable under the spawn start method)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import proclock
+
+MANY = "many"
+
+
+@proclock.process_limited(MANY, limit=3)
+def limited_call(log, inside, peak):
+    """Record (enter, exit, slot) of one call, and count the callers inside at once."""
+    entered = time.monotonic()
+    slot = proclock.current_slot(MANY)
+    with inside.get_lock():
+        inside.value += 1
+        peak.value = max(peak.value, inside.value)
+    total = 0
+    for i in range(500):  # a little work inside, so that calls overlap
+        total += i
+    with inside.get_lock():
+        inside.value -= 1
+    log.append((entered, time.monotonic(), slot, os.getpid()))
+    return total
+
+
+def limited_worker(calls, start, out_dir, inside, peak):
+    """`calls` calls of limited_call; their records go to `out_dir/<pid>.json`."""
+    log = []
+    start.wait(30)
+    for _ in range(calls):
+        limited_call(log, inside, peak)
+    with open(os.path.join(out_dir, f"{os.getpid()}.json"), "w") as f:
+        json.dump(log, f)
+
+
+def hold_slots(name, limit, count, lock_dir, locked, release, indexes):  # noqa: PLR0917
+    """Hold `count` slots of `name` (one thread each) until `release`; `indexes` gets them."""
+    sem = proclock.ProcessSemaphore(name, limit=limit, lock_dir=lock_dir)
+    ready = threading.Barrier(count + 1)
+    errors = []
+
+    def run(k):
+        try:
+            with sem as slot:
+                indexes[k] = slot.index
+                ready.wait(30)
+                release.wait(60)
+        except BaseException as exc:
+            errors.append(exc)
+            ready.abort()
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(count)]
+    for thread in threads:
+        thread.start()
+    ready.wait(30)
+    locked.set()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def hold_slot_forever(name, limit, lock_dir, locked, index):
+    """Hold one slot until killed."""
+    with proclock.ProcessSemaphore(name, limit=limit, lock_dir=lock_dir) as slot:
+        index.value = slot.index
+        locked.set()
+        while True:
+            time.sleep(60)
+
+
+def ask_with_limit(name, limit, lock_dir, answers):
+    """Take and release one slot with `limit`; `answers` gets "ok" or the error's text."""
+    try:
+        with proclock.ProcessSemaphore(name, limit=limit, lock_dir=lock_dir, timeout=30):
+            pass
+    except ValueError as exc:
+        answers.put(f"ValueError: {exc}")
+    else:
+        answers.put("ok")
+
+
+def try_slot(name, limit, lock_dir):
+    """Exit 0 if a slot of `name` can be taken at once (it is released again), 1 if full."""
+    sem = proclock.ProcessSemaphore(name, limit=limit, lock_dir=lock_dir, blocking=False)
+    try:
+        sem.acquire()
+    except proclock.SemaphoreFullError:
+        raise SystemExit(1) from None
+    sem.release()
