@@ -23,9 +23,10 @@ How a slot is taken, and why nobody polls or starves:
   the owner holds), `reentrant=False`, waiting and retries, the contention errors, Ctrl-C and
   cancellation safety, logging and fork. Threads and tasks take slots of their own exactly as
   processes do.
-- A non-blocking attempt that finds the turnstile busy (a head waiting, or another process in
-  the middle of taking a slot) still tries every slot, once this process has seen the limit
-  recorded: it takes a free slot rather than report a full semaphore.
+- A non-blocking attempt (blocking=False, timeout=0) that finds the turnstile busy (a head
+  waiting, or another process in the middle of taking a slot) still tries every slot, once this
+  process has seen the limit recorded: it takes a free slot rather than report a full
+  semaphore. An attempt that may wait never passes the queue that way.
 """
 
 from __future__ import annotations
@@ -311,8 +312,12 @@ class SemaphoreBackend:
         inner = self.inner
         turnstile = inner.try_acquire(parts.turnstile)
         if turnstile is None:
-            # Someone waits at the head, or is taking a slot right now: a free slot is still
-            # ours, once this process knows the limit is the one recorded.
+            # Someone waits at the head, or is taking a slot right now. The first try of a
+            # wait queues behind them (the core waits next: no starvation); a call that will
+            # not wait takes a free slot if there is one, once this process knows the limit
+            # is the one recorded.
+            if spec.blocking and spec.timeout != 0:
+                return None
             if _limits.get(inner.location(parts.turnstile)) != self.limit:
                 return None
             got = _any.try_any(parts.slots)
