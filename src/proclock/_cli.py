@@ -16,10 +16,11 @@ import sys
 import threading
 import time
 
-from . import _dirs, _gc, _holder, _names
+from . import _dirs, _gc, _holder, _names, _semfiles
 from ._errors import LockHeldError, LockNameError, LockTimeoutError, ProcLockError
 from ._lock import ProcessLock, lock_path
 from ._policy import Retry
+from ._semaphore import ProcessSemaphore, SemaphoreFullError, current_slot, turnstile_file_name
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -150,6 +151,18 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        msg = f"invalid limit {text!r}: give a whole number of slots, such as 2"
+        raise argparse.ArgumentTypeError(msg) from None
+    if value < 1:
+        msg = f"invalid limit {text!r}: a semaphore has at least 1 slot"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def _exit_code(text: str) -> int:
     try:
         value = int(text)
@@ -215,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     run.add_argument("name", metavar="NAME", nargs="?", help="the lock's name")
+    run.add_argument(
+        "-l",
+        "--limit",
+        metavar="N",
+        type=_limit,
+        help="a semaphore: run COMMAND in one of N slots (at most N at once); "
+        "PROCLOCK_SLOT=<0..N-1> is exported to it",
+    )
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("-s", "--shared", action="store_true", help="take a shared (reader) lock")
     mode.add_argument(
@@ -334,6 +355,8 @@ def _who(holder: Holder | None) -> str:
 
 
 def _busy_line(error: LockHeldError, label: str) -> str:
+    if isinstance(error, SemaphoreFullError):
+        return str(error)
     holder = error.holder
     at = holder.acquired_at if holder is not None else None
     since = (
@@ -444,12 +467,23 @@ def _make_lock(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Pro
         parser.error("--retry-delay needs --retry N")
     if args.retry is not None and not (args.nonblock or args.timeout is not None):
         parser.error("--retry needs a bounded attempt: add -n or -w SECONDS")
+    if args.limit is not None and (args.path is not None or args.shared):
+        parser.error("--limit makes a semaphore of NAME: it takes neither --path nor --shared")
     retry: Retry | None = None
     if args.retry is not None:
         retry = (
             Retry(args.retry) if args.retry_delay is None else Retry(args.retry, args.retry_delay)
         )
     try:
+        if args.limit is not None:
+            return ProcessSemaphore(
+                args.name,
+                limit=args.limit,
+                blocking=not args.nonblock,
+                timeout=args.timeout,
+                retry=retry,
+                lock_dir=args.dir,
+            )
         return ProcessLock(
             args.name,
             path=args.path,
@@ -486,8 +520,15 @@ def _run(args: argparse.Namespace, command: list[str], parser: argparse.Argument
     except (OSError, ProcLockError) as exc:
         _say(f"cannot use lock {label!r}: {exc}")
         return EXIT_CANTUSE
+    except ValueError as exc:  # a semaphore's limit other than the one its users recorded
+        _say(f"cannot use {label!r}: {exc}")
+        return EXIT_USAGE
     acquired = time.monotonic()
     kind = "shared" if args.shared else "exclusive"
+    if isinstance(lock, ProcessSemaphore):  # COMMAND learns its slot; the slot's lock is passed
+        slot = current_slot(lock.name)
+        os.environ["PROCLOCK_SLOT"] = str(slot)
+        kind = f"slot {slot} of the semaphore, limit {lock.limit}:"
     if args.verbose:
         _say(f"acquired {kind} lock {label!r} ({path}) after {acquired - start:.3f}s")
     fd = lock._held_fd()  # noqa: SLF001
@@ -598,17 +639,28 @@ def _describe_file(path: str, name: str | None) -> dict[str, Any]:
     }
 
 
+def _named_rows(name: str, directory: str | None) -> list[dict[str, Any]]:
+    """The rows of `status NAME`: the lock's, or a semaphore's of that name (and its slots)."""
+    path = str(lock_path(name, lock_dir=directory))
+    sem = _semfiles.at(os.path.join(os.path.dirname(path), turnstile_file_name(name)))
+    if sem is not None and sem.name == name:
+        return _semfiles.status_rows(sem, _describe_file)
+    return [_describe_file(path, name)]
+
+
 def _status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         if args.names:
             try:
-                rows = [_describe_file(str(lock_path(n, lock_dir=args.dir)), n) for n in args.names]
+                rows = [row for n in args.names for row in _named_rows(n, args.dir)]
             except LockNameError as exc:
                 parser.error(str(exc))
         else:
             directory, kind = _dirs.resolve(args.dir)
             _dirs.vet(directory, kind)
-            rows = [_describe_file(p, None) for p in _gc.lock_files(directory)]
+            semaphores, files = _semfiles.find(_gc.lock_files(directory))
+            rows = [row for sem in semaphores for row in _semfiles.status_rows(sem, _describe_file)]
+            rows += [_describe_file(p, None) for p in files]
     except OSError as exc:
         _say(f"cannot use the lock directory: {exc}")
         return EXIT_CANTUSE
@@ -657,10 +709,20 @@ def _collect(args: argparse.Namespace) -> int:
         directory, kind = _dirs.resolve(args.dir)
         _dirs.vet(directory, kind)
         files = _gc.collectable(directory)
+        semaphores, files = _semfiles.find(files)
     except OSError as exc:
         _say(f"cannot use the lock directory: {exc}")
         return EXIT_CANTUSE
     failed = False
+    for sem in semaphores:  # a semaphore's files go together, or not at all
+        try:
+            removed = _semfiles.collect(sem, older_than=args.older_than, dry_run=args.dry_run)
+        except OSError as exc:
+            _say(f"cannot delete the files of semaphore {sem.name!r}: {exc}")
+            failed = True
+            continue
+        for path in removed:
+            sys.stdout.write(f"{'would remove' if args.dry_run else 'removed'} {path}\n")
     for path in files:
         try:
             gone = _gc.collect(path, older_than=args.older_than, dry_run=args.dry_run)

@@ -212,9 +212,14 @@ def split_part_name(name: str) -> tuple[str, str] | None:
     return base, part
 
 
+def turnstile_file_name(name: str) -> str:
+    """The file name of semaphore `name`'s turnstile, which records its limit."""
+    return _names.file_name(f"{name}{_SEP}turnstile")
+
+
 def part_file_names(name: str, limit: int) -> tuple[str, list[str]]:
     """The turnstile's and the slots' file names of semaphore `name` (for gc and status)."""
-    return _names.file_name(f"{name}{_SEP}turnstile"), [
+    return turnstile_file_name(name), [
         _names.file_name(f"{name}{_SEP}slot-{i}") for i in range(limit)
     ]
 
