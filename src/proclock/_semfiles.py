@@ -66,9 +66,7 @@ def find(paths: list[str]) -> tuple[list[SemaphoreFiles], list[str]]:
         if os.path.basename(path) != turnstile:
             continue
         directory = os.path.dirname(path)
-        found.append(
-            SemaphoreFiles(name, limit, path, [os.path.join(directory, s) for s in slots])
-        )
+        found.append(SemaphoreFiles(name, limit, path, [os.path.join(directory, s) for s in slots]))
     taken = {p for sem in found for p in sem.paths}
     return found, [p for p in paths if p not in taken]
 
