@@ -95,3 +95,41 @@ def try_slot(name, limit, lock_dir):
     except proclock.SemaphoreFullError:
         raise SystemExit(1) from None
     sem.release()
+
+
+def interrupted_waiter(name, lock_dir, release, result):
+    """Wait for a full semaphore in the main thread until Ctrl-C (SIGINT) interrupts it.
+
+    `result` gets "ok" if nothing stayed held and both slots are taken once `release` is set.
+    """
+    import signal  # noqa: PLC0415
+
+    from proclock import _core  # noqa: PLC0415
+    from proclock.backends import flock  # noqa: PLC0415
+
+    sem = proclock.ProcessSemaphore(name, limit=2, lock_dir=lock_dir)
+
+    def interrupt():
+        while flock.parked_waits() < 2:  # the head waits in the kernel on both slots
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    try:
+        sem.acquire()
+    except KeyboardInterrupt:
+        pass
+    else:
+        result.put("acquired instead of being interrupted")
+        return
+    if _core.snapshot():
+        result.put(f"left behind: {_core.snapshot()}")
+        return
+    release.set()
+    first = sem.acquire(timeout=10)
+    other = []
+    thread = threading.Thread(target=lambda: other.append(sem.acquire(timeout=10).index))
+    thread.start()
+    thread.join(30)
+    result.put("ok" if sorted([first.index, *other]) == [0, 1] else f"slots {first.index} {other}")
+    first.release()

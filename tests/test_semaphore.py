@@ -31,6 +31,7 @@ from proclock.backends import flock
 from semaphore_children import (
     MANY,
     ask_with_limit,
+    interrupted_waiter,
     hold_slot_forever,
     hold_slots,
     limited_worker,
@@ -234,6 +235,47 @@ def test_network_backends_are_refused_rather_than_polled():
         setattr(fake, method, lambda *_: None)
     with pytest.raises(ValueError, match="would need polling"):
         ProcessSemaphore("x", limit=2, backend=fake)
+
+
+@pytest.mark.parametrize(
+    ("url", "driver"),
+    [
+        pytest.param("postgresql://postgres@127.0.0.1:5432/test", "psycopg", id="postgres"),
+        pytest.param("redis://127.0.0.1:6379/0", "redis", id="redis"),
+    ],
+)
+def test_postgres_and_redis_declare_no_wait_any_and_are_refused(url, driver):
+    pytest.importorskip(driver)
+    with pytest.raises(ValueError, match="'wait-any' capability"):
+        ProcessSemaphore("x", limit=2, backend=url)
+    with pytest.raises(ValueError, match="does not poll"):
+        process_limited("x", limit=2, backend=url)
+
+
+def test_ctrl_c_while_waiting_leaves_nothing_held(lock_dir):
+    with HeldByChild("ctrl-c", 2, 2, lock_dir) as child:
+        result = SPAWN.Queue()
+        proc = SPAWN.Process(
+            target=interrupted_waiter, args=("ctrl-c", str(lock_dir), child.release_event, result)
+        )
+        proc.start()
+        answer = result.get(timeout=60)
+        proc.join(30)
+    assert answer == "ok"
+    assert proc.exitcode == 0
+
+
+def test_a_decorated_generator_holds_its_slot_until_exhausted(lock_dir):
+    @process_limited("gen", limit=2)
+    def produce():
+        yield current_slot("gen")
+        yield current_slot("gen")
+
+    gen = produce()
+    assert next(gen) == 0
+    assert ProcessSemaphore("gen", limit=2).holders()[0].slot == 0
+    assert list(gen) == [0]
+    assert ProcessSemaphore("gen", limit=2).holders() == []
 
 
 def test_errors_pickle_and_are_the_lock_errors(lock_dir):

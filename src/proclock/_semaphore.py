@@ -40,7 +40,7 @@ from ._holder import Holder
 from ._lock import UNSET, Acquired, ProcessLock, _backends_resolve
 from ._spec import make_spec
 from .backends import _any
-from .backends._base import SHARED
+from .backends._base import SHARED, WAIT_ANY
 from .backends.flock import FLOCK, PARKED_MAX, FlockBackend, _is_record
 
 TYPE_CHECKING = False
@@ -248,11 +248,11 @@ class SemaphoreBackend:
     __slots__ = ("_parts", "capabilities", "inner", "limit")
 
     def __init__(self, limit: int, inner: Backend = FLOCK) -> None:
-        if not isinstance(inner, FlockBackend):
+        if WAIT_ANY not in inner.capabilities or not isinstance(inner, FlockBackend):
             msg = (
-                f"the {inner!r} backend cannot hold a semaphore: waiting for any one of N "
-                "slots there would need polling, which proclock does not do; semaphores are "
-                "flock(2) only (drop backend=)"
+                f"the {inner!r} backend cannot hold a semaphore: it cannot wait for any one "
+                f"of N slots without polling (it lacks the {WAIT_ANY!r} capability), and "
+                "proclock does not poll; semaphores are flock(2) only for now (drop backend=)"
             )
             raise ValueError(msg)  # noqa: TRY004  (a value the option refuses, as a lock's)
         self.limit, self.inner = limit, inner

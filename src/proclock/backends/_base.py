@@ -17,7 +17,10 @@ FD = "fd"  # handles carry a descriptor a child process can inherit (proclock ru
 LOSS = "loss"  # a hold can be lost while its holder lives; it reports that (see `lost`)
 FREED_ON_EXIT = "freed-on-exit"  # a holder that dies frees the lock at once (no lease to run out)
 LOCAL = "local"  # try_acquire and release never wait on a network: safe on an event loop
-ALL = frozenset((SHARED, FENCING, FD, LOSS, FREED_ON_EXIT, LOCAL))
+# A waiter can wait for any one of several locks at once, woken by the kernel or server (no
+# polling): what a semaphore's head waiter needs (`proclock._semaphore`).
+WAIT_ANY = "wait-any"
+ALL = frozenset((SHARED, FENCING, FD, LOSS, FREED_ON_EXIT, LOCAL, WAIT_ANY))
 
 
 class Handle:

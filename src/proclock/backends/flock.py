@@ -45,7 +45,7 @@ import time
 
 from .. import _core, _dirs, _flock, _holder, _names
 from .._errors import ProcLockError
-from ._base import FD, FREED_ON_EXIT, LOCAL, SHARED, Handle
+from ._base import FD, FREED_ON_EXIT, LOCAL, SHARED, WAIT_ANY, Handle
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -550,7 +550,7 @@ class FlockBackend:
     """flock(2) on `lock_path(name)` (or `path=`): the default backend."""
 
     __slots__ = ()
-    capabilities = frozenset((SHARED, FD, FREED_ON_EXIT, LOCAL))
+    capabilities = frozenset((SHARED, FD, FREED_ON_EXIT, LOCAL, WAIT_ANY))  # WAIT_ANY: _any.py
 
     def __repr__(self) -> str:
         return "flock"
