@@ -102,10 +102,10 @@ def interrupted_waiter(name, lock_dir, release, result):
 
     `result` gets "ok" if nothing stayed held and both slots are taken once `release` is set.
     """
-    import signal  # noqa: PLC0415
+    import signal
 
-    from proclock import _core  # noqa: PLC0415
-    from proclock.backends import flock  # noqa: PLC0415
+    from proclock import _core
+    from proclock.backends import flock
 
     sem = proclock.ProcessSemaphore(name, limit=2, lock_dir=lock_dir)
 

@@ -31,9 +31,9 @@ from proclock.backends import flock
 from semaphore_children import (
     MANY,
     ask_with_limit,
-    interrupted_waiter,
     hold_slot_forever,
     hold_slots,
+    interrupted_waiter,
     limited_worker,
     try_slot,
 )
@@ -233,7 +233,7 @@ def test_network_backends_are_refused_rather_than_polled():
     fake = Fake()
     for method in ("location", "try_acquire", "acquire", "acquire_async", "release", "holder"):
         setattr(fake, method, lambda *_: None)
-    with pytest.raises(ValueError, match="would need polling"):
+    with pytest.raises(ValueError, match="without polling"):
         ProcessSemaphore("x", limit=2, backend=fake)
 
 

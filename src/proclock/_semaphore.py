@@ -254,7 +254,7 @@ class SemaphoreBackend:
                 f"of N slots without polling (it lacks the {WAIT_ANY!r} capability), and "
                 "proclock does not poll; semaphores are flock(2) only for now (drop backend=)"
             )
-            raise ValueError(msg)  # noqa: TRY004  (a value the option refuses, as a lock's)
+            raise ValueError(msg)
         self.limit, self.inner = limit, inner
         self.capabilities = inner.capabilities - {SHARED}
         self._parts: dict[int, _Parts] = {}

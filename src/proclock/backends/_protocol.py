@@ -31,8 +31,9 @@ class Backend(Protocol):
     """
 
     #: What it can do, from `proclock.backends._base`: "shared", "fencing", "fd", "loss",
-    #: "freed-on-exit", "local", "wait-any" (semaphores). The core refuses shared=True without "shared"; the contract
-    #: test suite skips, by name, what a backend does not declare.
+    #: "freed-on-exit", "local", "wait-any" (semaphores). The core refuses shared=True
+    #: without "shared"; the contract test suite skips, by name, what a backend does not
+    #: declare.
     capabilities: frozenset[str]
 
     def location(self, spec: LockSpec) -> str:
