@@ -8,13 +8,14 @@ import json
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 
 import pytest
 
 import proclock
-from conftest import SPAWN
+from conftest import SPAWN, TESTS
 from proclock import (
     LockHeldError,
     LockTimeoutError,
@@ -636,3 +637,13 @@ def test_async_with_gives_the_slot(lock_dir):
         assert not sem.locked
 
     asyncio.run(main())
+
+
+def test_the_docs_examples_run(lock_dir):
+    sys.path.insert(0, str(TESTS / "typing"))
+    try:
+        import semaphore_examples
+
+        semaphore_examples.run_all()
+    finally:
+        sys.path.remove(str(TESTS / "typing"))
