@@ -69,6 +69,16 @@ def _give_up_all(attempts: Sequence[_fl._Attempt | None], keep: int = -1) -> Non
         raise error
 
 
+def _finish(attempts: list[_fl._Attempt | None], got: tuple[int, Handle] | None) -> None:
+    """Give up every wait but the winner's; interrupted, give the winner's grant back too."""
+    try:
+        _give_up_all(attempts, -1 if got is None else got[0])
+    except BaseException:
+        if got is not None:
+            _fl.FLOCK.release(got[1])  # nobody would own it: the caller sees the exception
+        raise
+
+
 def _collect(
     specs: Sequence[LockSpec], attempts: list[_fl._Attempt | None], loop: Any
 ) -> tuple[int, Handle] | None:
@@ -124,13 +134,12 @@ def wait_any(specs: Sequence[LockSpec], deadline: float | None) -> tuple[int, Ha
     if started is None:
         return _poll_any(specs, deadline)
     attempts: list[_fl._Attempt | None] = list(started)
-    won = -1
+    got = None
     try:
         while True:
             event.clear()  # re-armed before the states are read: no grant is missed
             got = _collect(specs, attempts, None)
             if got is not None:
-                won = got[0]
                 return got
             if not any(a is not None for a in attempts):
                 return _poll_any(specs, deadline)
@@ -142,7 +151,7 @@ def wait_any(specs: Sequence[LockSpec], deadline: float | None) -> tuple[int, Ha
                     return None
                 event.wait(remaining)
     finally:
-        _give_up_all(attempts, won)
+        _finish(attempts, got)
 
 
 async def wait_any_async(
@@ -172,13 +181,12 @@ async def wait_any_async(
     if started is None:
         return await _poll_any_async(specs, deadline, asyncio)
     attempts: list[_fl._Attempt | None] = list(started)
-    won = -1
+    got = None
     try:
         while True:
             cell[0] = loop.create_future()  # re-armed before the states are read
             got = _collect(specs, attempts, loop)
             if got is not None:
-                won = got[0]
                 return got
             if not any(a is not None for a in attempts):
                 return await _poll_any_async(specs, deadline, asyncio)
@@ -188,7 +196,7 @@ async def wait_any_async(
             # asyncio.wait neither raises on timeout nor cancels the future it watches.
             await asyncio.wait((cell[0],), timeout=remaining)
     finally:
-        _give_up_all(attempts, won)
+        _finish(attempts, got)
 
 
 class _Cell(list):  # type: ignore[type-arg]
