@@ -647,3 +647,34 @@ def test_the_docs_examples_run(lock_dir):
         semaphore_examples.run_all()
     finally:
         sys.path.remove(str(TESTS / "typing"))
+
+
+def test_past_the_parked_helpers_bound_a_head_falls_back_to_the_documented_back_off(
+    lock_dir, monkeypatch
+):
+    monkeypatch.setattr(flock, "PARKED_MAX", 0)  # every helper slot taken, as it were
+    with HeldByChild("bound", 2, 2, lock_dir) as child:
+        sem = ProcessSemaphore("bound", limit=2)
+        with pytest.raises(SemaphoreTimeoutError):
+            sem.acquire(timeout=0.05)
+        got = []
+        thread = threading.Thread(target=lambda: got.append(sem.acquire(timeout=30).index))
+        thread.start()
+        child.release()
+        thread.join(30)
+    assert got[0] in (0, 1)
+    sem.release()
+
+
+def test_an_async_timeout_is_a_semaphore_timeout(lock_dir):
+    async def main():
+        sem = ProcessSemaphore("async-timeout", limit=2)
+        start = time.monotonic()
+        with pytest.raises(SemaphoreTimeoutError) as info:
+            await sem.acquire_async(timeout=0.2)
+        assert time.monotonic() - start >= 0.2
+        assert sorted(h.slot for h in info.value.holders) == [0, 1]
+        assert not sem.locked
+
+    with HeldByChild("async-timeout", 2, 2, lock_dir):
+        asyncio.run(main())
