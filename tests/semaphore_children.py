@@ -133,3 +133,42 @@ def interrupted_waiter(name, lock_dir, release, result):
     thread.join(30)
     result.put("ok" if sorted([first.index, *other]) == [0, 1] else f"slots {first.index} {other}")
     first.release()
+
+
+def backend_worker(name, limit, backend, calls, start, inside, peak, slots_seen):  # noqa: PLR0917
+    """`calls` acquisitions of `name` on `backend`, counting the holders inside at once."""
+    sem = proclock.ProcessSemaphore(name, limit=limit, backend=backend, timeout=60)
+    start.wait(30)
+    for _ in range(calls):
+        with sem as slot:
+            with inside.get_lock():
+                inside.value += 1
+                peak.value = max(peak.value, inside.value)
+                if slots_seen[slot.index]:
+                    raise SystemExit(5)  # two holders of one slot at once
+                slots_seen[slot.index] = 1
+            until = time.monotonic() + 0.001
+            while time.monotonic() < until:
+                pass
+            with inside.get_lock():
+                slots_seen[slot.index] = 0
+                inside.value -= 1
+
+
+def hold_backend_slot_forever(name, limit, backend, locked, index):
+    """Hold one slot of `name` on `backend` until killed."""
+    with proclock.ProcessSemaphore(name, limit=limit, backend=backend) as slot:
+        index.value = slot.index
+        locked.set()
+        while True:
+            time.sleep(60)
+
+
+def ask_backend_limit(name, limit, backend, answers):
+    try:
+        with proclock.ProcessSemaphore(name, limit=limit, backend=backend, timeout=30):
+            pass
+    except ValueError as exc:
+        answers.put(f"ValueError: {exc}")
+    else:
+        answers.put("ok")

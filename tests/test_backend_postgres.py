@@ -199,7 +199,7 @@ def test_url_strings_resolve_to_one_postgres_backend():
 def test_it_is_a_backend_with_its_capabilities():
     backend = PostgresBackend(CLOSED)
     assert isinstance(backend, Backend)
-    assert backend.capabilities == {"shared", "fencing", "loss", "freed-on-exit"}
+    assert backend.capabilities == {"shared", "fencing", "loss", "freed-on-exit", "wait-any"}
 
 
 @pytest.mark.parametrize(

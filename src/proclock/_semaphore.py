@@ -164,7 +164,7 @@ class SemaphoreTimeoutError(SemaphoreFullError, LockTimeoutError):
         )
 
 
-# -- the backend: a semaphore over flock(2) locks -----------------------------------------------
+# -- the backend: a semaphore over a lock backend ------------------------------------------------
 
 
 class _Parts:
@@ -172,12 +172,12 @@ class _Parts:
 
     __slots__ = ("record", "slots", "spec", "turnstile")
 
-    def __init__(self, spec: LockSpec, limit: int) -> None:
+    def __init__(self, spec: LockSpec, limit: int, sep: str) -> None:
         name = spec.name
         assert name is not None  # noqa: S101
         self.spec = spec
-        self.turnstile = spec.replace(name=f"{name}{_SEP}turnstile")
-        self.slots = tuple(spec.replace(name=f"{name}{_SEP}slot-{i}") for i in range(limit))
+        self.turnstile = spec.replace(name=f"{name}{sep}turnstile")
+        self.slots = tuple(spec.replace(name=f"{name}{sep}slot-{i}") for i in range(limit))
         self.record = limit_record(name, limit)
 
 
@@ -230,33 +230,45 @@ _limits: dict[str, int] = {}
 
 
 def _mismatch(name: str, path: str, recorded: int, asked: int) -> ValueError:
+    remedy = (
+        "remove its files with `proclock gc`"
+        if os.path.isabs(path)
+        else f"delete the row of {name!r} + ' limit' from the table proclock_fencing"
+    )
     return ValueError(
         f"semaphore {name!r} ({path}) has limit={recorded}, recorded by its first user, but "
         f"limit={asked} was asked for: every user of one semaphore must give the same limit "
-        "(to change it, stop every user, then remove its files with `proclock gc`)"
+        f"(to change it, stop every user, then {remedy})"
     )
 
 
 class SemaphoreBackend:
-    """A semaphore of `limit` slots as one lock for the core: a backend over flock(2) locks.
+    """A semaphore of `limit` slots as one lock for the core: a backend over a lock backend.
 
-    Its "lock" is any one slot; the handle is the slot's own flock handle, so everything the
-    flock backend does for a handle (fork, transfer_on_fork, the descriptor for `proclock
-    run`) applies to a slot as it does to a lock.
+    Its "lock" is any one slot; the handle is the slot's own handle from the inner backend, so
+    everything that backend does for a handle (fork, transfer_on_fork, the descriptor for
+    `proclock run`, loss and fencing for a network backend) applies to a slot as to a lock.
+    The inner backend must declare "wait-any": flock(2) (the head parks one helper thread per
+    slot, `backends._any`), PostgreSQL (one server-side wait per slot; the limit is recorded
+    with its `record_limit`).
     """
 
-    __slots__ = ("_parts", "capabilities", "inner", "limit")
+    __slots__ = ("_parts", "capabilities", "inner", "limit", "local", "sep")
 
     def __init__(self, limit: int, inner: Backend = FLOCK) -> None:
-        if WAIT_ANY not in inner.capabilities or not isinstance(inner, FlockBackend):
+        local = isinstance(inner, FlockBackend)
+        if WAIT_ANY not in inner.capabilities or not (local or hasattr(inner, "record_limit")):
             msg = (
                 f"the {inner!r} backend cannot hold a semaphore: it cannot wait for any one "
                 f"of N slots without polling (it lacks the {WAIT_ANY!r} capability), and "
-                "proclock does not poll; semaphores are flock(2) only for now (drop backend=)"
+                "proclock does not poll; use flock(2) (no backend=) or PostgreSQL"
             )
             raise ValueError(msg)
-        self.limit, self.inner = limit, inner
-        self.capabilities = inner.capabilities - {SHARED}
+        self.limit, self.inner, self.local = limit, inner, local
+        # The separator in the parts' lock names: NUL, which no lock name a user gives
+        # contains, for lock files; PostgreSQL text cannot hold NUL: the unit separator there.
+        self.sep = _SEP if local else "\x1f"
+        self.capabilities = inner.capabilities - {SHARED, WAIT_ANY}
         self._parts: dict[int, _Parts] = {}
 
     def __repr__(self) -> str:
@@ -268,11 +280,11 @@ class SemaphoreBackend:
         if parts is None or parts.spec is not spec:
             if len(self._parts) >= _PARTS_MAX:
                 self._parts.clear()
-            parts = self._parts[id(spec)] = _Parts(spec, self.limit)
+            parts = self._parts[id(spec)] = _Parts(spec, self.limit, self.sep)
         return parts
 
     def location(self, spec: LockSpec) -> str:
-        """The turnstile file: the semaphore's identity and where its limit is recorded."""
+        """The turnstile's: the semaphore's identity (and, for flock, where its limit is)."""
         path = self.inner.location(self.parts(spec).turnstile)
         known = _limits.get(path)
         if known is not None and known != self.limit:
@@ -290,9 +302,16 @@ class SemaphoreBackend:
 
     def _check_limit(self, parts: _Parts, turnstile: Handle) -> None:
         """Under the turnstile: the recorded limit must be ours; none recorded: record ours."""
+        path = turnstile.location
+        if not self.local:
+            if _limits.get(path) != self.limit:  # asked once per process: it never changes
+                recorded = self.inner.record_limit(parts.spec.label, self.limit)  # type: ignore[attr-defined]
+                if recorded != self.limit:
+                    raise _mismatch(parts.spec.label, path, recorded, self.limit)
+                _limits[path] = self.limit
+            return
         fd = turnstile.fd
         assert fd is not None  # noqa: S101
-        path = turnstile.location
         data = os.pread(fd, _RECORD_READ, 0)
         if data != parts.record:
             found = parse_limit_record(data)
@@ -311,6 +330,15 @@ class SemaphoreBackend:
                 os.ftruncate(fd, len(record))
         _limits[path] = self.limit
 
+    def _try_slots(self, parts: _Parts) -> tuple[int, Handle] | None:
+        if self.local:
+            return _any.try_any(parts.slots)
+        for i, slot in enumerate(parts.slots):
+            handle = self.inner.try_acquire(slot)
+            if handle is not None:
+                return i, handle
+        return None
+
     def try_acquire(self, spec: LockSpec) -> Handle | None:
         """One attempt that does not wait: a free slot, held; None if all are taken."""
         parts = self.parts(spec)
@@ -325,13 +353,13 @@ class SemaphoreBackend:
                 return None
             if _limits.get(inner.location(parts.turnstile)) != self.limit:
                 return None
-            got = _any.try_any(parts.slots)
+            got = self._try_slots(parts)
             return None if got is None else got[1]
         got = None
         try:
             try:
                 self._check_limit(parts, turnstile)
-                got = _any.try_any(parts.slots)
+                got = self._try_slots(parts)
             finally:
                 inner.release(turnstile)
         except BaseException:
@@ -351,14 +379,16 @@ class SemaphoreBackend:
         try:
             try:
                 self._check_limit(parts, turnstile)
-                got = _any.try_any(parts.slots)
+                got = self._try_slots(parts)
                 if got is None:
                     if deadline is None and len(parts.slots) == 1:
-                        # One slot: wait in flock(2) in this thread, as a lock does.
+                        # One slot: wait in the backend's own blocking wait, as a lock does.
                         handle = inner.acquire(parts.slots[0], None)
                         got = None if handle is None else (0, handle)
-                    else:
+                    elif self.local:
                         got = _any.wait_any(parts.slots, deadline)
+                    else:
+                        got = _any.wait_any_backend(inner, parts.slots, deadline)
             finally:
                 inner.release(turnstile)
         except BaseException:
@@ -377,10 +407,16 @@ class SemaphoreBackend:
         got = None
         try:
             try:
-                self._check_limit(parts, turnstile)
-                got = _any.try_any(parts.slots)
-                if got is None:
-                    got = await _any.wait_any_async(parts.slots, deadline)
+                if self.local:
+                    self._check_limit(parts, turnstile)
+                    got = _any.try_any(parts.slots)
+                    if got is None:
+                        got = await _any.wait_any_async(parts.slots, deadline)
+                else:
+                    await _any.in_thread(self._check_limit, parts, turnstile)
+                    got = await _any.try_any_async(inner, parts.slots)
+                    if got is None:
+                        got = await _any.wait_any_backend_async(inner, parts.slots, deadline)
             finally:
                 inner.release(turnstile)
         except BaseException:

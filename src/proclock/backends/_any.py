@@ -23,6 +23,7 @@ import threading
 import time
 
 from . import flock as _fl
+from ._base import Handle
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from .._spec import LockSpec
-    from ._base import Handle
+    from ._protocol import Backend
 
 _clock = time.monotonic
 
@@ -224,3 +225,84 @@ async def _poll_any_async(
             return None
         await asyncio.sleep(pause if remaining is None else min(pause, remaining))
         pause = min(pause * 2, _fl.POLL_MAX)
+
+
+# -- any backend that declares "wait-any" (PostgreSQL): one wait of its own per lock --------------
+#
+# Such a backend's acquire_async waits without polling (the server queues and wakes it) and is
+# cancellable, leaving nothing held. Waiting for any of N locks is then N of those waits at
+# once, the first grant kept and the others cancelled (a grant that lands during the
+# cancellation is given back).
+
+
+async def wait_any_backend_async(
+    backend: Backend, specs: Sequence[LockSpec], deadline: float | None
+) -> tuple[int, Handle] | None:
+    """Wait until one of the locks is ours (index, handle), or None once `deadline` passed."""
+    import asyncio  # noqa: PLC0415
+
+    tasks = [asyncio.ensure_future(backend.acquire_async(spec, deadline)) for spec in specs]
+    got: tuple[int, Handle] | None = None
+    try:
+        pending = set(tasks)
+        while pending and got is None:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for i, task in enumerate(tasks):
+                if task in done and got is None:
+                    handle = task.result()  # a failed wait's error is raised (after cleanup)
+                    if handle is not None:
+                        got = (i, handle)
+        return got
+    finally:
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Handle) and (got is None or result is not got[1]):
+                backend.release(result)  # granted too, or as we cancelled it: not wanted
+
+
+async def try_any_async(backend: Backend, specs: Sequence[LockSpec]) -> tuple[int, Handle] | None:
+    """One attempt at each lock in order, without blocking the event loop on the network."""
+    for i, spec in enumerate(specs):
+        # A past deadline: the backend's async wait makes its one attempt and gives up.
+        handle = await backend.acquire_async(spec, _clock())
+        if handle is not None:
+            return i, handle
+    return None
+
+
+def wait_any_backend(
+    backend: Backend, specs: Sequence[LockSpec], deadline: float | None
+) -> tuple[int, Handle] | None:
+    """`wait_any_backend_async` for a thread: on a private event loop (Ctrl-C cancels it)."""
+    import asyncio  # noqa: PLC0415
+
+    def run() -> tuple[int, Handle] | None:
+        return asyncio.run(wait_any_backend_async(backend, specs, deadline))
+
+    if asyncio.events._get_running_loop() is None:
+        return run()
+    # A sync wait inside a running event loop (the loop is blocked anyway): another thread.
+    out: list[Any] = []
+
+    def work() -> None:
+        try:
+            out.append((True, run()))
+        except BaseException as exc:  # noqa: BLE001  (raised in the waiting thread)
+            out.append((False, exc))
+
+    thread = threading.Thread(target=work, name="proclock-wait-any", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking call (a network round trip) without blocking the event loop."""
+    import asyncio  # noqa: PLC0415
+
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)

@@ -55,7 +55,7 @@ from psycopg.pq import TransactionStatus
 from .. import _core
 from .._errors import BackendUnavailableError, ProcLockError
 from .._holder import Holder
-from ._base import FENCING, FREED_ON_EXIT, LOSS, SHARED, Handle
+from ._base import FENCING, FREED_ON_EXIT, LOSS, SHARED, WAIT_ANY, Handle
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -119,6 +119,17 @@ _UNLOCK = (
     "SELECT CASE WHEN pg_backend_pid() = %s THEN pg_advisory_unlock(%s) END",
     "SELECT CASE WHEN pg_backend_pid() = %s THEN pg_advisory_unlock_shared(%s) END",
 )
+# A semaphore's limit, recorded once (the CTE's INSERT and the SELECT see one snapshot, so
+# the row another session inserted first is read by the UNION's second branch).
+_RECORD_LIMIT = """
+WITH ins AS (
+    INSERT INTO proclock_fencing (namespace, name, token) VALUES (%(ns)s, %(name)s, %(limit)s)
+    ON CONFLICT (namespace, name) DO NOTHING RETURNING token
+)
+SELECT token FROM ins
+UNION ALL
+SELECT token FROM proclock_fencing WHERE namespace = %(ns)s AND name = %(name)s
+LIMIT 1"""
 _HOLDERS = """
 SELECT a.application_name, host(a.client_addr), l.pid, l.mode,
        extract(epoch FROM f.acquired_at)::float8
@@ -246,7 +257,10 @@ class PostgresBackend:
     Nothing connects until the first acquisition.
     """
 
-    capabilities = frozenset((SHARED, FENCING, LOSS, FREED_ON_EXIT))
+    # WAIT_ANY: a wait queues in the server, which wakes it (a holder's session ending
+    # included), and cancelling acquire_async withdraws it: a semaphore's head waits for any
+    # of its slots with one such wait per slot, no polling (proclock._semaphore).
+    capabilities = frozenset((SHARED, FENCING, LOSS, FREED_ON_EXIT, WAIT_ANY))
 
     def __init__(
         self,
@@ -827,6 +841,38 @@ class PostgresBackend:
             self._recycle(link)
             return found
         raise AssertionError  # pragma: no cover
+
+    # -- semaphores --------------------------------------------------------------------------
+
+    def record_limit(self, name: str, limit: int) -> int:
+        """Record semaphore `name`'s limit unless one is recorded (atomically); the one that is.
+
+        A row of the fencing table, named after the semaphore, whose token is the limit:
+        inserted once, never bumped, seen by every user.
+        """
+        params = {"ns": self._namespace, "name": f"{name}\x1flimit", "limit": limit}
+        for attempt in range(3):
+            link = self._borrow()
+            try:
+                self._ensure_table(link)
+                row = link.conn.execute(_RECORD_LIMIT, params).fetchone()
+            except BaseException as exc:
+                self._discard(link)
+                if not isinstance(exc, psycopg.Error):
+                    raise
+                if isinstance(exc, psycopg.OperationalError) and link.reused and attempt == 0:
+                    continue
+                if isinstance(exc, psycopg.OperationalError):
+                    raise BackendUnavailableError(self._display, _reason(exc)) from exc
+                msg = f"semaphore {name!r}: the server refused to record its limit: {_reason(exc)}"
+                raise ProcLockError(msg) from exc
+            self._recycle(link)
+            if row is not None:
+                return int(row[0])
+            # Inserted by a transaction that committed while our statement waited on its
+            # row: our snapshot predates it; the next statement sees it.
+        msg = f"semaphore {name!r}: its limit record could not be read back"  # pragma: no cover
+        raise ProcLockError(msg)  # pragma: no cover
 
     # -- fork --------------------------------------------------------------------------------
 
