@@ -35,7 +35,9 @@ sys.path.insert(0, str(HERE))
 
 import impls  # noqa: E402
 
-KINDS = ("proclock", "proclock-timeout", "portalocker", "portalocker-10ms")
+KINDS = ["proclock", "proclock-timeout", "portalocker", "portalocker-10ms"]
+if impls._postgres_reachable():  # noqa: SLF001
+    KINDS.append("proclock-postgres")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -54,7 +56,13 @@ class Sem:
             from proclock import ProcessSemaphore
 
             timeout = 30 if kind == "proclock-timeout" else None
-            self.sem = ProcessSemaphore(name, limit=limit, lock_dir=d, timeout=timeout)
+            if kind == "proclock-postgres":
+                from proclock.backends import PostgresBackend
+
+                backend = PostgresBackend(impls.POSTGRES_URL, namespace="proclock-bench")
+                self.sem = ProcessSemaphore(name, limit=limit, backend=backend)
+            else:
+                self.sem = ProcessSemaphore(name, limit=limit, lock_dir=d, timeout=timeout)
             self.slot: Any = None
         else:
             import portalocker
@@ -77,10 +85,25 @@ class Sem:
         else:
             self.sem.release()
 
-    def slot_path(self) -> str:
+    def waited_on(self) -> bool:
+        """A waiter is blocked on the slot this one holds (in the kernel, or the server)."""
+        if self.kind == "proclock-postgres":
+            return bool(_pg_queued())
         if self.kind.startswith("proclock"):
-            return str(self.slot.handle.location)
-        return str(self.sem.lock.filename)
+            return bool(impls._blocked_waiters(str(self.slot.handle.location)))  # noqa: SLF001
+        return bool(impls._blocked_waiters(str(self.sem.lock.filename)))  # noqa: SLF001
+
+
+def _pg_queued() -> int:
+    import psycopg
+
+    conn = impls._admin.get("conn")  # noqa: SLF001
+    if conn is None:
+        conn = impls._admin["conn"] = psycopg.connect(impls.POSTGRES_URL, autocommit=True)  # noqa: SLF001
+    row = conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    ).fetchone()
+    return int(row[0]) if row else 0
 
 
 # -- 1. wake latency ------------------------------------------------------------------------------
@@ -123,14 +146,13 @@ def wake_latency(kind: str, d: str, limit: int, count: int) -> list[float]:
     try:
         for _ in range(count):
             mine.acquire()
-            path = mine.slot_path()
             parent.send("go")
             parent.recv()
             # Let the waiter reach its wait: blocked in the kernel on our slot (its parked
             # helper, visible in /proc/locks); a polling waiter gets 2 ms to go to sleep.
             end = time.monotonic() + (0.002 if polls else 0.5)
             while time.monotonic() < end:
-                if not polls and impls._blocked_waiters(path):  # noqa: SLF001
+                if not polls and mine.waited_on():
                     break
                 time.sleep(0.0001)
             t0 = time.perf_counter_ns()
@@ -211,7 +233,10 @@ def main() -> int:
         print("| what | p50 | p99 | n |")
         print("|---|---|---|---|")
         wake: dict[str, Any] = {}
-        for kind in ("raw", "proclock"):  # the plain lock's handoff, measured the same way
+        plain = ["raw", "proclock"] + (
+            ["proclock-postgres"] if "proclock-postgres" in KINDS else []
+        )
+        for kind in plain:  # the plain lock's handoff, measured the same way
             lat = impls.run_handoffs(kind, d, 30 if quick else 300)
             wake[f"lock:{kind}"] = lat
         for kind in KINDS:

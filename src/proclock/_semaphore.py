@@ -32,6 +32,7 @@ How a slot is taken, and why nobody polls or starves:
 from __future__ import annotations
 
 import os
+import time
 
 from . import _core, _names
 from ._decorators import _check_outcome, _decorate, _Namer, _Spec
@@ -67,6 +68,7 @@ LIMIT_MAX = PARKED_MAX  # a head waits with one parked helper per slot: never mo
 _SEP = "\x00"  # in the slot and turnstile lock names: no lock name a user gives contains it
 _PARTS_MAX = 1024
 _RECORD_READ = 512
+_clock = time.monotonic
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -380,7 +382,7 @@ class SemaphoreBackend:
             try:
                 self._check_limit(parts, turnstile)
                 got = self._try_slots(parts)
-                if got is None:
+                if got is None and (deadline is None or deadline > _clock()):
                     if deadline is None and len(parts.slots) == 1:
                         # One slot: wait in the backend's own blocking wait, as a lock does.
                         handle = inner.acquire(parts.slots[0], None)
@@ -410,12 +412,12 @@ class SemaphoreBackend:
                 if self.local:
                     self._check_limit(parts, turnstile)
                     got = _any.try_any(parts.slots)
-                    if got is None:
+                    if got is None and (deadline is None or deadline > _clock()):
                         got = await _any.wait_any_async(parts.slots, deadline)
                 else:
                     await _any.in_thread(self._check_limit, parts, turnstile)
                     got = await _any.try_any_async(inner, parts.slots)
-                    if got is None:
+                    if got is None and (deadline is None or deadline > _clock()):
                         got = await _any.wait_any_backend_async(inner, parts.slots, deadline)
             finally:
                 inner.release(turnstile)

@@ -19,6 +19,7 @@ What this module guarantees, on top of what `flock` guarantees of each parked wa
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -238,7 +239,12 @@ async def _poll_any_async(
 async def wait_any_backend_async(
     backend: Backend, specs: Sequence[LockSpec], deadline: float | None
 ) -> tuple[int, Handle] | None:
-    """Wait until one of the locks is ours (index, handle), or None once `deadline` passed."""
+    """Wait until one of the locks is ours (index, handle), or None once `deadline` passed.
+
+    The other waits are cancelled, and reaped in the background (a grant that lands during
+    their cancellation is given back there): the winner does not wait for the server to
+    confirm each cancellation.
+    """
     import asyncio  # noqa: PLC0415
 
     tasks = [asyncio.ensure_future(backend.acquire_async(spec, deadline)) for spec in specs]
@@ -254,12 +260,24 @@ async def wait_any_backend_async(
                         got = (i, handle)
         return got
     finally:
-        for task in tasks:
+        others = [t for i, t in enumerate(tasks) if got is None or i != got[0]]
+        for task in others:
             task.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        for result in results:
-            if isinstance(result, Handle) and (got is None or result is not got[1]):
-                backend.release(result)  # granted too, or as we cancelled it: not wanted
+        reaper = asyncio.ensure_future(_reap(backend, others))
+        _reapers.add(reaper)  # a strong reference until it is done
+        reaper.add_done_callback(_reapers.discard)
+
+
+_reapers: set[Any] = set()
+
+
+async def _reap(backend: Backend, tasks: list[Any]) -> None:
+    """Wait for cancelled waits to end; give back any grant they got meanwhile."""
+    import asyncio  # noqa: PLC0415
+
+    for result in await asyncio.gather(*tasks, return_exceptions=True):
+        if isinstance(result, Handle):
+            backend.release(result)
 
 
 async def try_any_async(backend: Backend, specs: Sequence[LockSpec]) -> tuple[int, Handle] | None:
@@ -272,33 +290,53 @@ async def try_any_async(backend: Backend, specs: Sequence[LockSpec]) -> tuple[in
     return None
 
 
+_loop: Any = None  # the private event loop of sync waits (a daemon thread runs it)
+_loop_lock = threading.Lock()
+
+
+def _private_loop() -> Any:
+    global _loop  # noqa: PLW0603
+    with _loop_lock:
+        if _loop is None:
+            import asyncio  # noqa: PLC0415
+
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="proclock-wait-any", daemon=True).start()
+            _loop = loop
+        return _loop
+
+
+def _forget_loop() -> None:
+    global _loop, _loop_lock
+    _loop, _loop_lock = None, threading.Lock()  # its thread does not exist in a forked child
+
+
+os.register_at_fork(after_in_child=_forget_loop)
+
+
 def wait_any_backend(
     backend: Backend, specs: Sequence[LockSpec], deadline: float | None
 ) -> tuple[int, Handle] | None:
-    """`wait_any_backend_async` for a thread: on a private event loop (Ctrl-C cancels it)."""
+    """`wait_any_backend_async` for a thread: run on a private event loop, waited for here.
+
+    Interrupted (Ctrl-C), the wait is cancelled, and a grant that arrives anyway is given back.
+    """
     import asyncio  # noqa: PLC0415
 
-    def run() -> tuple[int, Handle] | None:
-        return asyncio.run(wait_any_backend_async(backend, specs, deadline))
+    future = asyncio.run_coroutine_threadsafe(
+        wait_any_backend_async(backend, specs, deadline), _private_loop()
+    )
+    try:
+        return future.result()
+    except BaseException:
+        future.cancel()
 
-    if asyncio.events._get_running_loop() is None:
-        return run()
-    # A sync wait inside a running event loop (the loop is blocked anyway): another thread.
-    out: list[Any] = []
+        def give_back(done: Any) -> None:
+            if not done.cancelled() and done.exception() is None and done.result() is not None:
+                backend.release(done.result()[1])
 
-    def work() -> None:
-        try:
-            out.append((True, run()))
-        except BaseException as exc:  # noqa: BLE001  (raised in the waiting thread)
-            out.append((False, exc))
-
-    thread = threading.Thread(target=work, name="proclock-wait-any", daemon=True)
-    thread.start()
-    thread.join()
-    ok, value = out[0]
-    if not ok:
-        raise value
-    return value  # type: ignore[no-any-return]
+        future.add_done_callback(give_back)
+        raise
 
 
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
