@@ -97,7 +97,7 @@ def try_slot(name, limit, lock_dir):
     sem.release()
 
 
-def interrupted_waiter(name, lock_dir, release, result):
+def interrupted_waiter(name, lock_dir, release, result, backend=None):
     """Wait for a full semaphore in the main thread until Ctrl-C (SIGINT) interrupts it.
 
     `result` gets "ok" if nothing stayed held and both slots are taken once `release` is set.
@@ -107,10 +107,19 @@ def interrupted_waiter(name, lock_dir, release, result):
     from proclock import _core
     from proclock.backends import flock
 
-    sem = proclock.ProcessSemaphore(name, limit=2, lock_dir=lock_dir)
+    sem = proclock.ProcessSemaphore(name, limit=2, lock_dir=lock_dir, backend=backend)
+
+    def queued():
+        if backend is None:
+            return flock.parked_waits()
+        import psycopg
+
+        with psycopg.connect(backend, autocommit=True) as conn:
+            sql = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            return conn.execute(sql).fetchone()[0]
 
     def interrupt():
-        while flock.parked_waits() < 2:  # the head waits in the kernel on both slots
+        while queued() < 2:  # the head waits on both slots (in the kernel, or the server)
             time.sleep(0.001)
         os.kill(os.getpid(), signal.SIGINT)
 
@@ -133,6 +142,25 @@ def interrupted_waiter(name, lock_dir, release, result):
     thread.join(30)
     result.put("ok" if sorted([first.index, *other]) == [0, 1] else f"slots {first.index} {other}")
     first.release()
+
+
+def hold_two(name, backend, locked, release):
+    """Hold both slots of `name` (limit 2) on `backend`, one thread each, until `release`."""
+    sem = proclock.ProcessSemaphore(name, limit=2, backend=backend)
+    ready = threading.Barrier(3)
+
+    def run():
+        with sem:
+            ready.wait(30)
+            release.wait(60)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    ready.wait(30)
+    locked.set()
+    for thread in threads:
+        thread.join()
 
 
 def backend_worker(name, limit, backend, calls, start, inside, peak, slots_seen):  # noqa: PLR0917

@@ -27,7 +27,13 @@ from proclock import (
     process_limited,
 )
 from proclock.backends import flock
-from semaphore_children import ask_backend_limit, backend_worker, hold_backend_slot_forever
+from semaphore_children import (
+    ask_backend_limit,
+    backend_worker,
+    hold_backend_slot_forever,
+    hold_two,
+    interrupted_waiter,
+)
 
 
 @pytest.fixture(params=["flock", "postgres"])
@@ -227,3 +233,22 @@ def test_cancelling_a_waiting_task_leaves_no_slot_held(backend, name):
     # Both slots free again: taken by two owners at once.
     with sem.acquire(timeout=10) as first, HeldInThread(sem) as second:
         assert {first.index, second.index} == {0, 1}
+
+
+def test_ctrl_c_while_waiting_leaves_nothing_held(backend, name, lock_dir):
+    locked, release, result = SPAWN.Event(), SPAWN.Event(), SPAWN.Queue()
+    holder = SPAWN.Process(target=hold_two, args=(name, backend, locked, release))
+    holder.start()
+    try:
+        assert locked.wait(30)
+        waiter = SPAWN.Process(
+            target=interrupted_waiter, args=(name, str(lock_dir), release, result, backend)
+        )
+        waiter.start()
+        answer = result.get(timeout=60)
+        waiter.join(30)
+    finally:
+        release.set()
+        holder.join(30)
+    assert answer == "ok"
+    assert waiter.exitcode == 0

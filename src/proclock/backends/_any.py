@@ -39,22 +39,25 @@ _clock = time.monotonic
 
 
 def _start_all(
-    specs: Sequence[LockSpec], notify: Callable[[], None], loop: Any
-) -> list[_fl._Attempt] | None:
-    """A parked wait per file, all notifying `notify`; None (none left) past the bound."""
-    attempts: list[_fl._Attempt] = []
-    try:
-        for spec in specs:
-            attempt = _fl._Attempt()
-            attempts.append(attempt)
-            if not _fl._start_parked(spec, _fl.FLOCK.locate(spec), notify, attempt, loop):
-                attempts.pop()
-                _give_up_all(attempts)
-                return None
-    except BaseException:
-        _give_up_all(attempts)
-        raise
-    return attempts
+    specs: Sequence[LockSpec],
+    notify: Callable[[], None],
+    loop: Any,
+    attempts: list[_fl._Attempt | None],
+) -> bool:
+    """A parked wait per file, all notifying `notify`, each recorded in `attempts` first.
+
+    The caller's list, made before anything starts and given up by the caller's `finally`: an
+    interruption anywhere (Ctrl-C lands at any call) leaves no wait running for nobody, which
+    would hold its slot once granted. False (every wait given up) past the helpers' bound.
+    """
+    for spec in specs:
+        attempt = _fl._Attempt()
+        attempts.append(attempt)
+        if not _fl._start_parked(spec, _fl.FLOCK.locate(spec), notify, attempt, loop):
+            _give_up_all(attempts)
+            attempts.clear()
+            return False
+    return True
 
 
 def _give_up_all(attempts: Sequence[_fl._Attempt | None], keep: int = -1) -> None:
@@ -132,12 +135,11 @@ def try_any(specs: Sequence[LockSpec]) -> tuple[int, Handle] | None:
 def wait_any(specs: Sequence[LockSpec], deadline: float | None) -> tuple[int, Handle] | None:
     """Wait until one of the files is ours (index, handle), or None once `deadline` passed."""
     event = threading.Event()
-    started = _start_all(specs, event.set, None)
-    if started is None:
-        return _poll_any(specs, deadline)
-    attempts: list[_fl._Attempt | None] = list(started)
+    attempts: list[_fl._Attempt | None] = []
     got = None
     try:
+        if not _start_all(specs, event.set, None, attempts):
+            return _poll_any(specs, deadline)
         while True:
             event.clear()  # re-armed before the states are read: no grant is missed
             got = _collect(specs, attempts, None)
@@ -179,12 +181,11 @@ async def wait_any_async(
             raise RuntimeError(msg)
         loop.call_soon_threadsafe(_resolve, held)
 
-    started = _start_all(specs, notify, loop)
-    if started is None:
-        return await _poll_any_async(specs, deadline, asyncio)
-    attempts: list[_fl._Attempt | None] = list(started)
+    attempts: list[_fl._Attempt | None] = []
     got = None
     try:
+        if not _start_all(specs, notify, loop, attempts):
+            return await _poll_any_async(specs, deadline, asyncio)
         while True:
             cell[0] = loop.create_future()  # re-armed before the states are read
             got = _collect(specs, attempts, loop)
@@ -247,9 +248,11 @@ async def wait_any_backend_async(
     """
     import asyncio  # noqa: PLC0415
 
-    tasks = [asyncio.ensure_future(backend.acquire_async(spec, deadline)) for spec in specs]
+    tasks: list[Any] = []
     got: tuple[int, Handle] | None = None
     try:
+        for spec in specs:  # recorded as each starts: the `finally` cancels what started
+            tasks.append(asyncio.ensure_future(backend.acquire_async(spec, deadline)))  # noqa: PERF401  (one by one, on purpose)
         pending = set(tasks)
         while pending and got is None:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
