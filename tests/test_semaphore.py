@@ -672,3 +672,42 @@ def test_an_async_timeout_is_a_semaphore_timeout(lock_dir):
 
     with HeldByChild("async-timeout", 2, 2, lock_dir):
         asyncio.run(main())
+
+
+def test_transfer_on_fork_hands_the_slot_to_the_child(lock_dir):
+    sem = ProcessSemaphore("daemon", limit=2)
+    slot = sem.acquire()
+    index = slot.index
+    sem.transfer_on_fork()
+    read, write = os.pipe()
+    go_read, go_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read)
+            os.close(go_write)
+            if current_slot("daemon") == index:
+                code = 0
+            os.write(write, b"held")
+            os.read(go_read, 1)  # hold it until the parent has looked
+            sem.release()
+        finally:
+            os._exit(code)
+    os.close(write)
+    os.close(go_read)
+    try:
+        assert os.read(read, 4) == b"held"
+        assert not slot.held
+        assert not sem.locked
+        # The child holds `index`: this process gets the other slot, and no more.
+        with HeldInThread(sem) as other:
+            assert other.index == 1 - index
+            with pytest.raises(SemaphoreFullError):
+                other_thread(lambda: sem.acquire(blocking=False))
+    finally:
+        os.write(go_write, b"x")
+        os.close(go_write)
+        os.close(read)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
