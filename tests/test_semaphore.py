@@ -711,3 +711,32 @@ def test_transfer_on_fork_hands_the_slot_to_the_child(lock_dir):
         os.close(read)
         _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_sync_wait_in_a_loop_is_refused_only_when_its_own_blockers_fill_every_slot(lock_dir):
+    async def main():
+        sem = ProcessSemaphore("loop", limit=2)
+        held = asyncio.Event()
+        done = asyncio.Event()
+
+        async def holder():
+            async with sem:
+                held.set()
+                await done.wait()
+
+        task = asyncio.create_task(holder())
+        await held.wait()
+        with sem as slot:  # a sync wait inside the loop: the other slot is free
+            assert slot.index == 1
+            with pytest.raises(ProcLockError, match="another task of this event loop"):
+                await asyncio.create_task(_sync_in_task(ProcessSemaphore("loop", limit=2)))
+        done.set()
+        await task
+
+    asyncio.run(main())
+
+
+async def _sync_in_task(sem):
+    """A task that blocks its loop on `sem` (both slots held by this loop's other owners)."""
+    with sem:
+        pass

@@ -206,7 +206,7 @@ def take(
         if spec.blocking and spec.timeout is None and not debug:
             # An unbounded wait: straight to the backend's blocking wait (one syscall when free).
             if _running_loop() is not None:
-                _refuse_self_deadlock(location, owner, sync=True)
+                _refuse_self_deadlock(location, owner, sync=True, backend=backend)
             handle = backend.acquire(spec, None)
             if handle is None:  # pragma: no cover - a backend breaking its contract
                 msg = f"{backend!r} gave up an unbounded wait for {spec.label!r}"
@@ -328,24 +328,33 @@ def _drop(hold: Hold, handle: Handle | None) -> None:
         hold.backend.release(handle)
 
 
-def _refuse_self_deadlock(location: str, owner: object, *, sync: bool) -> None:
-    """Refuse a wait that only this very thread could end: it would hang forever."""
+def _refuse_self_deadlock(
+    location: str, owner: object, *, sync: bool, backend: Backend | None = None
+) -> None:
+    """Refuse a wait that only this very thread could end: it would hang forever.
+
+    A lock that several may hold at once (a semaphore: the backend's `max_holders`) is such a
+    wait only when this thread's blockers hold every one of its places.
+    """
     me = threading.get_ident()
     asyncio = sys.modules.get("asyncio")
     loop = asyncio.events._get_running_loop() if asyncio is not None else None  # noqa: SLF001
     if loop is None and owner == me:
         return  # a thread outside any event loop: its own holds were counted as re-entry
     blocker = None
+    blockers = 0
     for (where, other), hold in list(_holds.items()):
         if where != location or other is owner or hold.state != HELD:
             continue
         if other == me:
             blocker = "the thread running this event loop, outside it"
+            blockers += 1
         elif (
             sync and loop is not None and not isinstance(other, int) and other.get_loop() is loop  # type: ignore[attr-defined]
         ):
             blocker = "another task of this event loop (await the lock instead)"
-    if blocker is not None:
+            blockers += 1
+    if blocker is not None and blockers >= getattr(backend, "max_holders", 1):
         msg = (
             f"the lock at {location} is held by {blocker}: waiting here would never end; "
             "release it first"
@@ -378,7 +387,7 @@ class _Plan:
         self.pauses: Iterator[float] | None = None
         self.debug = _debug()
         if self.wait:
-            _refuse_self_deadlock(location, owner, sync=sync)
+            _refuse_self_deadlock(location, owner, sync=sync, backend=backend)
         if self.debug:
             hold.since = self.start
             if self.wait:

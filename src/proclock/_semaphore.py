@@ -276,6 +276,11 @@ class SemaphoreBackend:
     def __repr__(self) -> str:
         return f"semaphore(limit={self.limit}) on {self.inner!r}"
 
+    @property
+    def max_holders(self) -> int:
+        """How many owners may hold it at once (the core's self-deadlock refusal reads it)."""
+        return self.limit
+
     def parts(self, spec: LockSpec) -> _Parts:
         """The turnstile and slot specs of `spec` (made once per spec)."""
         parts = self._parts.get(id(spec))
