@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from proclock import ProcessLock, UnsafeLockPathError, lock_path, process_locked
+import proclock
+from proclock import ProcessLock, UnsafeLockPathError, process_locked
+
+
+def lock_path(name: str, **kwargs: object) -> Path:
+    """proclock.lock_path as a Path, for the file checks below (it returns a str)."""
+    return Path(proclock.lock_path(name, **kwargs))  # type: ignore[arg-type]
+
 
 OTHER_UID = 12345
 

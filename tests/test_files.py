@@ -12,7 +12,7 @@ import stat
 import subprocess
 import threading
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import pytest
 
@@ -27,13 +27,15 @@ from proclock import (
     UnsafeLockPathError,
     _core,
     _flock,
-    lock_path,
     process_locked,
 )
 from proclock.backends import flock as flock_backend
 
-if TYPE_CHECKING:
-    from pathlib import Path
+
+def lock_path(name: str, **kwargs: object) -> Path:
+    """proclock.lock_path as a Path, for the file checks below (it returns a str)."""
+    return Path(proclock.lock_path(name, **kwargs))  # type: ignore[arg-type]
+
 
 # -- refusing what is not a regular file ------------------------------------------------------
 

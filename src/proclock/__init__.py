@@ -1,6 +1,6 @@
 """Cross-process locks on flock(2): `@process_locked`, `@singleton_process`, `ProcessLock`."""
 
-from ._decorators import process_locked, singleton_process
+from ._decorators import lock_of, process_locked, singleton_process
 from ._errors import (
     AlreadyRunningError,
     BackendUnavailableError,
@@ -51,6 +51,7 @@ __all__ = [
     "ProcessLock",
     "Retry",
     "UnsafeLockPathError",
+    "lock_of",
     "lock_path",
     "process_locked",
     "singleton_process",
