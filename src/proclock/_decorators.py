@@ -462,11 +462,51 @@ def process_locked(  # noqa: F811  (the implementation after the typed variants)
     backend: Backend | str | None = None,
     on_lost: Callable[[LockLostError], object] | None = None,
 ) -> Any:
-    """Run the function holding a cross-process lock (flock(2)) for the length of each call.
+    """Run the function holding a cross-process lock for the length of each call.
 
     `@process_locked` derives the name from the function (`<module>.<qualname>`);
-    `@process_locked("name")` names it, and `"sync-{account_id}"` fills a template from the
-    call's arguments. Options are validated here, when the decorator is applied.
+    `@process_locked("name")` names it; `"sync-{account_id}"` fills a template from each
+    call's bound arguments. Works on functions, methods, classmethods and staticmethods (put
+    it outside `@classmethod`), coroutine functions (waiting never blocks the event loop) and
+    generators (held from the first `next()` to exhaustion or `close()`). Options are
+    validated here, when the decorator is applied, not at each call.
+
+    Args:
+        func: the function (bare `@process_locked`), or the name as first positional argument.
+        name: a str, a template (`"sync-{account_id}"`, `"{self.id}"`), or a callable taking
+            the call's arguments and returning the name.
+        blocking: wait for the lock (default); False makes one attempt.
+        timeout: seconds to wait at most; None waits forever; 0 is one attempt.
+        retry: a `Retry`, or an int of attempts in all: after a failed attempt, sleep and try
+            again (needs `blocking=False` or a timeout).
+        on_contention: what a call does when the lock stays busy: "raise" (the default,
+            `LockHeldError` or `LockTimeoutError`), "skip" (return None without calling),
+            "exit" (one line on stderr, then `SystemExit(exit_code)`), or a callable taking
+            the `LockHeldError`, whose result the call returns.
+        exit_code: the status of "exit", 0 to 255 (default 1, as flock(1)).
+        shared: take a shared (reader) lock; writers exclude readers and each other.
+        lock_dir: the directory of the lock file (default: `$PROCLOCK_DIR`, else
+            `$XDG_RUNTIME_DIR/proclock`, else `<tempdir>/proclock-<uid>`).
+        path: an explicit lock file instead of a name (for other programs using that file).
+        mode: permissions of a lock file proclock creates (default 0o600; must include it).
+        reentrant: count re-entry by the same thread or task (default); False raises
+            `ProcLockError` on re-entry instead.
+        backend: None for flock(2), a URL ("postgresql://...", "redis://...") or a backend
+            object (`proclock.backends.PostgresBackend`, `RedisBackend`).
+        on_lost: called with the `LockLostError` the moment a held lock is lost (network
+            backends; `LockLostError` is also raised when the call ends).
+
+    Raises:
+        TypeError, ValueError: at decoration, for an option that cannot be used (the message
+            names it), a class instead of a function, or contradictory options (`blocking=False`
+            with a timeout, `retry` with an unbounded wait).
+        LockNameError: at decoration, a template field that names no parameter; at a call,
+            a name the call cannot fill.
+        LockHeldError, LockTimeoutError: at a call, the lock stayed busy (with "raise").
+        UnsafeLockPathError: the lock directory or file could be subverted by another user.
+        OSError: the lock directory or file cannot be used (EACCES, EROFS, ENOSPC), with the
+            lock, the directory and what to do in the message; the function is not called.
+        BackendUnavailableError, LockLostError: network backends only.
     """
     if isinstance(func, str):
         if name is not None:
@@ -557,10 +597,36 @@ def singleton_process(  # noqa: F811  (the implementation after the typed varian
     backend: Backend | str | None = None,
     on_lost: Callable[[LockLostError], object] | None = None,
 ) -> Any:
-    """Let one instance of this program run `func` at a time; a second one exits (code 1).
+    """Let one instance of this program run `func` at a time; a second one exits (status 1).
 
-    The name is the program's (the `-m` module, else the script's absolute path), not the
-    function's. `timeout=5` waits up to 5 s for the other instance to finish.
+    The lock is named after the program, not the function: the `-m` module (`python -m pkg`
+    is "pkg"), else the script's absolute path; so every entry point of one program excludes
+    the others. The second instance prints one line naming the running one's pid and command
+    on stderr and exits. It takes the options of `process_locked` except `shared`, with
+    other defaults:
+
+    Args:
+        func: the function (bare `@singleton_process`), or the name as first positional argument.
+        name: a name instead of the program's (a str, template or callable).
+        blocking: default False (a second instance gives up at once); True waits for the
+            first to finish. A `timeout` implies True: `timeout=5` waits up to 5 s.
+        timeout: seconds to wait for the running instance; None waits forever when blocking.
+        retry: a `Retry`, or an int of attempts in all.
+        on_contention: default "exit"; "raise" raises `AlreadyRunningError` instead, "skip"
+            returns None, a callable gets the `AlreadyRunningError` and its result is returned.
+        exit_code: the exit status of "exit" (default 1).
+        lock_dir: the directory of the lock file, as for `process_locked`.
+        path: an explicit lock file (a pid-file path other tools look at, for instance).
+        mode: permissions of a lock file proclock creates (default 0o600).
+        reentrant: count re-entry (default True).
+        backend: None for flock(2), a URL or a backend object: one instance across machines.
+        on_lost: called with the `LockLostError` if a network backend loses the lock.
+
+    Raises:
+        TypeError, ValueError: at decoration, as for `process_locked`.
+        AlreadyRunningError: with on_contention="raise", another instance holds the lock.
+        SystemExit: with on_contention="exit" (the default), another instance holds it.
+        OSError, UnsafeLockPathError: the lock directory or file cannot be used.
     """
     if blocking is _UNSET_BLOCKING:
         blocking = timeout is not None

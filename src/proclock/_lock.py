@@ -327,7 +327,11 @@ class ProcessLock:
     async def acquire_async(
         self, blocking: bool = UNSET, timeout: float | None = UNSET
     ) -> Acquired:
-        """`acquire` for coroutines: waits without blocking the event loop; cancellable."""
+        """`acquire` for coroutines: waits without blocking the event loop.
+
+        Same arguments, result and errors as `acquire`. A task cancelled while it waits
+        (`asyncio.CancelledError`, `asyncio.timeout`) leaves nothing held or queued.
+        """
         spec = self._spec_for(blocking, timeout)
         hold = await _core.take_async(spec, self._backend, _core.current_owner(), self._on_lost)
         try:  # inline, not a call: Ctrl-C on a callee's first instruction would lose the hold
