@@ -4,7 +4,7 @@ Built on argparse (no dependency) and on the library itself: `run` takes the loc
 `ProcessLock`, so waiting never polls and the lock file is vetted exactly as for Python callers.
 
 Modules only one subcommand needs (subprocess, json, datetime, shlex) are imported where they
-are used: `proclock path` starts ~6 ms sooner (bench/run.py, section 4).
+are used: `proclock path` starts ~5 ms sooner (bench/run.py, section 4).
 """
 
 from __future__ import annotations
