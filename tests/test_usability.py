@@ -262,3 +262,33 @@ def test_lock_path_and_process_lock_path_are_the_same_str(lock_dir, tmp_path):
     other_spelling = f"{lock_dir}/sub/.."
     assert lock_path("x", lock_dir=other_spelling) == ProcessLock("x", lock_dir=other_spelling).path
     assert lock_path("x", lock_dir=other_spelling) == lock_path("x")  # one directory, one path
+
+
+# -- a holder on another machine, as a lock server reports it ---------------------------------
+
+
+def test_a_redis_holder_on_another_host_has_no_local_pid(redis_url):
+    import json
+    import uuid
+
+    import redis
+
+    from proclock.backends import RedisBackend
+
+    backend = RedisBackend(redis_url, namespace=f"usability-{uuid.uuid4().hex}")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        value = {"token": "t", "host": "build-7", "pid": 1, "argv": ["backup"], "fence": 1}
+        client.set(backend.key("job"), json.dumps(value), px=30_000)
+        holder = ProcessLock("job", backend=backend).holder()
+        assert holder is not None
+        assert (holder.pid, holder.own_pid, holder.elsewhere) == (None, 1, "machine")
+        assert holder.describe() == "pid 1 on another machine, host build-7 (backup)"
+        value["host"] = os.uname().nodename  # this host: its pid is one of ours
+        client.set(backend.key("job"), json.dumps(value), px=30_000)
+        holder = ProcessLock("job", backend=backend).holder()
+        assert holder is not None
+        assert (holder.pid, holder.own_pid, holder.elsewhere) == (1, None, None)
+    finally:
+        client.delete(backend.key("job"))
+        client.close()

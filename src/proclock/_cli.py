@@ -469,14 +469,11 @@ class _WaitLine:
         head = f"waiting for lock {self._label!r}"
         if holder is None:
             return (head + elapsed)[: width - 1]
-        if holder.pid is None:
-            return (head + " held by another process" + elapsed)[: width - 1]
-        command = holder.short_command(width=1000)
-        fixed = f"{head} held by pid {holder.pid} ()" + elapsed
-        room = max(width - 1 - len(fixed), 8)
-        if len(command) > room:
-            command = command[: room - 3] + "..."
-        return f"{head} held by pid {holder.pid} ({command}){elapsed}"
+        who = holder.describe()  # as errors and status name a holder
+        room = max(width - 1 - len(head) - len(" held by ") - len(elapsed), 11)
+        if len(who) > room:
+            who = who[: room - 3] + "..."
+        return f"{head} held by {who}{elapsed}"
 
     def _run(self) -> None:
         me = os.getpid()
@@ -672,6 +669,8 @@ def _describe_file(path: str, name: str | None) -> tuple[dict[str, Any], Holder 
         "exists": os.path.lexists(path),
         "state": state,
         "pid": holder.pid if holder is not None else None,
+        "own_pid": holder.own_pid if holder is not None else None,
+        "elsewhere": holder.elsewhere if holder is not None else None,
         "hostname": holder.hostname if holder is not None else None,
         "argv": list(holder.argv) if holder is not None and holder.argv else None,
         "command": holder.command if holder is not None else None,

@@ -668,3 +668,14 @@ def lock_state(path: str) -> tuple[Holder | None, int]:
 
 def holder_of(path: str) -> Holder | None:
     return lock_state(path)[0]
+
+
+def reported(pid: int | None, hostname: str | None, here: str, **fields: Any) -> Holder:
+    """A holder as a lock server reports it: its pid names a process here only on this host.
+
+    `here` is this machine's host name as the backend writes it. A holder on another host
+    keeps its pid as `own_pid`, with `elsewhere="machine"`, as a record read over NFS does.
+    """
+    if pid is not None and hostname is not None and hostname != here:
+        return Holder(None, hostname, own_pid=pid, elsewhere=MACHINE, **fields)
+    return Holder(pid, hostname, **fields)
