@@ -122,3 +122,8 @@ def _no_leftover_holds():
 
 
 __all__ = ["FORK", "POSTGRES_URL", "REDIS_URL", "REQUIRED", "SPAWN", "TESTS", "proclock"]
+
+
+def lock_file(name: str, **kwargs: Path | str) -> Path:
+    """`proclock.lock_path(name)` as a Path, for tests that look at the file (it is a str)."""
+    return Path(proclock.lock_path(name, **kwargs))

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -162,7 +163,7 @@ def test_command_not_found_is_127_and_not_executable_is_126(lock_dir, tmp_path):
         pytest.param(["run", "job", "true"], id="missing-dashdash"),
         pytest.param(["run", "job", "--"], id="missing-command"),
         pytest.param(["run", "--", "true"], id="missing-name"),
-        pytest.param(["run", "-n", "-w", "1", "job", "--", "true"], id="n-and-w"),
+        pytest.param(["run", "-s", "-x", "job", "--", "true"], id="s-and-x"),
         pytest.param(["run", "--retry", "3", "job", "--", "true"], id="retry-unbounded"),
         pytest.param(["run", "-E", "300", "job", "--", "true"], id="bad-exit-code"),
         pytest.param(["run", "", "--", "true"], id="empty-name"),
@@ -350,7 +351,8 @@ def test_status_while_held_shows_holder_in_table_and_json(lock_dir, script):
         assert data["nightly"]["state"] == "held"
         assert data["nightly"]["pid"] == holder.pid
         assert "proclock run nightly" in data["nightly"]["command"]
-        assert data["nightly"]["acquired_at"] <= time.time()
+        at = datetime.fromisoformat(data["nightly"]["acquired_at"])
+        assert at.timestamp() <= time.time()
         assert data["nightly"]["waiters"] == 0
         assert data["idle"]["state"] == "free"
         assert data["idle"]["pid"] is None
@@ -399,6 +401,7 @@ def test_status_shows_files_whose_name_cannot_be_recovered_by_file(lock_dir):
 def test_path_prints_lock_path_and_honours_dir(lock_dir, tmp_path):
     assert path_of("x") == str(lock_dir / _names.file_name("x"))
     other = tmp_path / "elsewhere"
+    other.mkdir()
     out = proclock("path", "--dir", str(other), "x")
     assert out.stdout.strip() == str(other / _names.file_name("x"))
     module = subprocess.run(

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from proclock import ProcessLock, UnsafeLockPathError, lock_path, process_locked
+from conftest import lock_file
+from proclock import ProcessLock, UnsafeLockPathError, process_locked
 
 OTHER_UID = 12345
 
@@ -57,23 +58,23 @@ def test_lock_dir_argument_comes_first(env, monkeypatch):
     monkeypatch.setenv("PROCLOCK_DIR", str(env["root"] / "env"))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(env["xdg"]))
     arg = env["root"] / "arg"
-    assert lock_path("x", lock_dir=arg).parent == arg
-    assert ProcessLock("x", lock_dir=arg).path == str(lock_path("x", lock_dir=arg))
+    assert lock_file("x", lock_dir=arg).parent == arg
+    assert ProcessLock("x", lock_dir=arg).path == str(lock_file("x", lock_dir=arg))
 
 
 def test_proclock_dir_comes_before_xdg_runtime_dir(env, monkeypatch):
     monkeypatch.setenv("PROCLOCK_DIR", str(env["root"] / "env"))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(env["xdg"]))
-    assert lock_path("x").parent == env["root"] / "env"
+    assert lock_file("x").parent == env["root"] / "env"
 
 
 def test_xdg_runtime_dir_comes_before_the_tempdir(env, monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(env["xdg"]))
-    assert lock_path("x").parent == env["xdg"] / "proclock"
+    assert lock_file("x").parent == env["xdg"] / "proclock"
 
 
 def test_tempdir_is_the_last_resort(env):
-    assert lock_path("x").parent == env["tmp"] / f"proclock-{os.geteuid()}"
+    assert lock_file("x").parent == env["tmp"] / f"proclock-{os.geteuid()}"
 
 
 def test_directory_is_resolved_at_each_call(env, monkeypatch):
@@ -85,14 +86,14 @@ def test_directory_is_resolved_at_each_call(env, monkeypatch):
         return sorted(p.name for p in env["root"].iterdir() if p.is_dir() and any(p.iterdir()))
 
     monkeypatch.setenv("PROCLOCK_DIR", str(first))
-    assert lock_path("x").parent == first
+    assert lock_file("x").parent == first
     assert Path(lock.path).parent == first
     with lock:
         assert Path(lock.path).parent == first
     assert where() == ["first"]
 
     monkeypatch.setenv("PROCLOCK_DIR", str(second))
-    assert lock_path("x").parent == second
+    assert lock_file("x").parent == second
     assert Path(lock.path).parent == second
     with lock:
         assert Path(lock.path).parent == second
@@ -119,7 +120,7 @@ def default_dir(env, kind: str, monkeypatch) -> Path:
 def test_default_directory_is_created_0700(env, kind, monkeypatch):
     expected = default_dir(env, kind, monkeypatch)
     with umask(0):
-        path = lock_path("x")
+        path = lock_file("x")
     assert path.parent == expected
     assert stat.S_ISDIR(os.lstat(expected).st_mode)
     assert mode_of(expected) == 0o700
@@ -188,7 +189,7 @@ def test_unsafe_default_directory_is_refused_and_untouched(env, kind, plant, mon
     before = (listing(d), listing(sidecar), os.lstat(d))
 
     def attempts():
-        yield lambda: lock_path("x")
+        yield lambda: lock_file("x")
         yield lambda: ProcessLock("x").acquire()
         yield lambda: ProcessLock("x", blocking=False).acquire()
         yield lambda: ProcessLock("x").path
@@ -223,7 +224,7 @@ def test_named_directory_is_created_0700_if_missing(env, how, monkeypatch):
     d = env["root"] / "made" / "for" / "locks"
     kwargs = named(d, how, monkeypatch)
     with umask(0):
-        path = lock_path("x", **kwargs)
+        path = lock_file("x", **kwargs)
     assert path.parent == d
     assert mode_of(d) == 0o700
     assert not path.exists()
@@ -275,7 +276,7 @@ def test_unsafe_named_directory_is_refused(env, how, plant, monkeypatch):
     kwargs = named(d, how, monkeypatch)
     before = (listing(d), listing(sidecar), os.lstat(d).st_mode)
     for attempt in (
-        lambda: lock_path("x", **kwargs),
+        lambda: lock_file("x", **kwargs),
         lambda: ProcessLock("x", **kwargs).acquire(),
         process_locked("x", **kwargs)(lambda: None),
     ):
@@ -290,7 +291,7 @@ def test_unsafe_named_directory_is_refused(env, how, plant, monkeypatch):
 def test_lock_path_creates_the_directory_but_not_the_file(env):
     d = env["tmp"] / f"proclock-{os.geteuid()}"
     assert not d.exists()
-    path = lock_path("x")
+    path = lock_file("x")
     assert d.is_dir()
     assert os.listdir(d) == []
     assert path.parent == d

@@ -6,6 +6,7 @@ import os
 import pickle
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -240,7 +241,7 @@ def test_lock_held_error_with_an_explicit_path_names_it(held_by_child):
 
 
 def test_unsafe_lock_path_error_names_the_path(lock_dir):
-    path = proclock.lock_path("trap")
+    path = Path(proclock.lock_path("trap"))
     path.symlink_to(lock_dir / "elsewhere")
     with pytest.raises(PermissionError) as info:
         ProcessLock("trap").acquire()

@@ -18,7 +18,7 @@ import pytest
 
 import children
 import proclock
-from conftest import SPAWN
+from conftest import SPAWN, lock_file
 from proclock import (
     LockHeldError,
     LockTimeoutError,
@@ -27,7 +27,6 @@ from proclock import (
     UnsafeLockPathError,
     _core,
     _flock,
-    lock_path,
     process_locked,
 )
 from proclock.backends import flock as flock_backend
@@ -106,7 +105,7 @@ def state(path: Path, precious: Path) -> tuple:
 @pytest.mark.parametrize("how", ["name", "path"], ids=["by-name", "by-path"])
 @pytest.mark.parametrize("plant", TRAPS)
 def test_non_regular_lock_path_is_refused_quickly_and_untouched(lock_dir, precious, plant, how):
-    path = lock_path("trap")
+    path = lock_file("trap")
     plant(path, precious)
     before = state(path, precious)
 
@@ -149,7 +148,7 @@ def test_non_regular_lock_path_is_refused_quickly_and_untouched(lock_dir, precio
 def test_trap_swapped_in_after_the_check_is_refused(lock_dir, precious, plant, monkeypatch):
     # A regular file when proclock looks (lstat), a trap when it opens: the race an attacker
     # with write access to a shared directory would try.
-    path = lock_path("trap")
+    path = lock_file("trap")
     path.write_bytes(b"")
     real_lstat = os.lstat
     swapped = []
@@ -175,7 +174,7 @@ def test_trap_swapped_in_after_the_check_is_refused(lock_dir, precious, plant, m
 
 
 def test_symlinked_lock_file_target_keeps_its_mode_under_a_different_mode(lock_dir, precious):
-    path = lock_path("trap")
+    path = lock_file("trap")
     path.symlink_to(precious)
     with pytest.raises(UnsafeLockPathError):
         ProcessLock("trap", mode=0o600).acquire()
@@ -206,7 +205,7 @@ def umask(mask: int):
 def test_created_file_gets_the_mode_despite_the_umask(lock_dir, mode, mask):
     with umask(mask), ProcessLock("m", mode=mode) as lock:
         assert stat.S_IMODE(os.stat(lock.path).st_mode) == mode
-    assert stat.S_IMODE(os.stat(lock_path("m")).st_mode) == mode
+    assert stat.S_IMODE(os.stat(lock_file("m")).st_mode) == mode
 
 
 def test_default_mode_is_0600(lock_dir):
@@ -215,7 +214,7 @@ def test_default_mode_is_0600(lock_dir):
 
 
 def test_existing_file_mode_is_left_alone(lock_dir):
-    path = lock_path("m")
+    path = lock_file("m")
     path.touch()
     path.chmod(0o604)
     with umask(0), ProcessLock("m", mode=0o640):
@@ -258,7 +257,7 @@ def failed_attempts(name: str) -> None:
     with pytest.raises(LockHeldError):
         ProcessLock(name, blocking=False, shared=True).acquire()
     with pytest.raises(LockHeldError):
-        ProcessLock(path=lock_path(name), blocking=False).acquire()
+        ProcessLock(path=lock_file(name), blocking=False).acquire()
 
 
 def snapshot(path: Path) -> tuple:
@@ -267,7 +266,7 @@ def snapshot(path: Path) -> tuple:
 
 
 def test_file_held_by_flock1_keeps_its_content_while_we_fail(lock_dir):
-    path = lock_path("busy")
+    path = lock_file("busy")
     path.write_bytes(FOREIGN)
     with flock_holds(path):
         before = snapshot(path)
@@ -284,7 +283,7 @@ def test_file_held_by_a_child_keeps_its_content_while_we_fail(lock_dir):
     child.start()
     try:
         assert locked.wait(30)
-        path = lock_path("busy")
+        path = lock_file("busy")
         before = snapshot(path)
         assert str(child.pid).encode() in before[0]
         failed_attempts("busy")
@@ -323,7 +322,7 @@ def third_party_cannot_take(lock_dir: Path, path: Path) -> None:
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("how", ["unlink", "replace"])
 def test_waiter_takes_the_file_now_at_the_path(lock_dir, tmp_path, how):
-    path = lock_path("race")
+    path = lock_file("race")
     replacement = tmp_path / "replacement.lock"
     replacement.write_bytes(b"")
     new_ino = os.stat(replacement).st_ino
@@ -373,7 +372,7 @@ def test_waiter_takes_the_file_now_at_the_path(lock_dir, tmp_path, how):
 def test_kept_descriptor_of_a_removed_file_is_not_trusted(lock_dir, tmp_path, how):
     # This process keeps the descriptor of an idle lock; a tmp cleaner removes the file and
     # another process then holds the new one: locking our orphaned inode would exclude nobody.
-    path = lock_path("race")
+    path = lock_file("race")
     with ProcessLock("race"):
         pass
     if how == "unlink":
@@ -399,7 +398,7 @@ def test_kept_descriptor_of_a_removed_file_is_not_trusted(lock_dir, tmp_path, ho
 
 
 def test_file_removed_while_we_hold_is_taken_afresh_next_time(lock_dir):
-    path = lock_path("race")
+    path = lock_file("race")
     with ProcessLock("race") as lock:
         os.unlink(path)  # deleted by someone else while we hold
         assert lock.locked
@@ -472,7 +471,7 @@ OPEN_ERRORS = [
 @pytest.fixture
 def failing_open(monkeypatch, lock_dir):
     """Make os.open of the lock file fail with a given errno, counting the attempts."""
-    path = lock_path("x")
+    path = lock_file("x")
     calls = []
     real_open = os.open
 
@@ -531,7 +530,7 @@ def test_open_error_never_runs_the_body(failing_open, sleeps, err, options):
 @pytest.fixture
 def failing_flock(monkeypatch, lock_dir):
     """Make fcntl.flock on the lock file fail with ENOLCK (all locking calls, or blocking ones)."""
-    path = lock_path("x")
+    path = lock_file("x")
     calls = []
     real_flock = fcntl.flock
 
@@ -632,7 +631,7 @@ def test_enolck_while_waiting_surfaces_at_once(lock_dir, failing_flock, sleeps, 
 @pytest.fixture
 def failing_pwrite(monkeypatch, lock_dir):
     """Make the metadata write into the lock file fail with ENOSPC."""
-    path = lock_path("x")
+    path = lock_file("x")
     calls = []
     real_pwrite = os.pwrite
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import children
-from conftest import SPAWN
-from proclock import ProcessLock, lock_path
+from conftest import SPAWN, lock_file
+from proclock import ProcessLock
 from proclock.backends import flock as flock_backend
 
 
@@ -52,7 +52,7 @@ def test_exclusive_acquisition_writes_who_and_when(lock_dir):
 
 
 def test_a_longer_record_of_another_holder_is_replaced_entirely(lock_dir):
-    path = lock_path("job")
+    path = lock_file("job")
     other = json.dumps({"v": 1, "pid": 1, "argv": ["x" * 5000], "name": "job", "at": 1.0})
     path.write_bytes(other.encode() + b"\n")
     with ProcessLock("job"):
@@ -73,7 +73,7 @@ FOREIGN_CONTENTS = [
 def test_a_file_with_other_content_is_never_written(lock_dir, content):
     # Invariant 5: only an empty file or a proclock record is ever written; the holder is
     # still named, from the kernel.
-    path = lock_path("job")
+    path = lock_file("job")
     path.write_bytes(content)
     os.chmod(path, 0o644)
     before = os.stat(path)
@@ -90,7 +90,7 @@ def test_a_file_with_other_content_is_never_written(lock_dir, content):
 
 
 def test_record_is_refreshed_once_a_second(lock_dir, monkeypatch):
-    path = lock_path("job")
+    path = lock_file("job")
     stamps = []
     for _ in range(2):
         before = time.time()
@@ -107,7 +107,7 @@ def test_record_is_refreshed_once_a_second(lock_dir, monkeypatch):
 
 
 def test_shared_acquisition_writes_nothing(lock_dir):
-    path = lock_path("job")
+    path = lock_file("job")
     path.write_bytes(b"")
     with ProcessLock("job", shared=True):
         assert path.read_bytes() == b""
@@ -150,7 +150,7 @@ def test_holder_from_another_process(child_holds):
     assert holder.start_time == start_time(child.pid)
     assert not holder.shared
     # The same answer through an explicit path, and from a lock object that holds nothing.
-    assert ProcessLock(path=lock_path("job")).holder() == holder
+    assert ProcessLock(path=lock_file("job")).holder() == holder
 
 
 def test_holder_of_our_own_lock(lock_dir):
@@ -163,7 +163,7 @@ def test_holder_of_our_own_lock(lock_dir):
 
 def test_holder_is_none_for_a_lock_never_taken(lock_dir):
     assert ProcessLock("job").holder() is None
-    assert not lock_path("job").exists()
+    assert not lock_file("job").exists()
 
 
 def test_holder_is_none_for_a_free_lock(lock_dir):
@@ -177,7 +177,7 @@ def test_holder_is_none_after_a_holder_exits(lock_dir):
     child.start()
     child.join(30)
     assert child.exitcode == 0
-    assert record(lock_path("job"))["pid"] == child.pid  # its record stays in the file
+    assert record(lock_file("job"))["pid"] == child.pid  # its record stays in the file
     assert ProcessLock("job").holder() is None
 
 
@@ -190,7 +190,7 @@ def test_killed_holder_never_reads_as_live(lock_dir):
     os.kill(child.pid, signal.SIGKILL)
     child.join(30)
     assert child.exitcode == -signal.SIGKILL
-    assert record(lock_path("job"))["pid"] == child.pid
+    assert record(lock_file("job"))["pid"] == child.pid
     assert ProcessLock("job").holder() is None
     with ProcessLock("job", blocking=False) as lock:
         assert lock.holder().pid == os.getpid()
@@ -198,7 +198,7 @@ def test_killed_holder_never_reads_as_live(lock_dir):
 
 def test_live_process_record_in_a_free_file_is_not_a_holder(lock_dir):
     # A record naming a live process (this one) in a file nobody has locked.
-    path = lock_path("job")
+    path = lock_file("job")
     with ProcessLock("job"):
         content = path.read_bytes()
     path.write_bytes(content)
@@ -220,7 +220,7 @@ CONTENTS = [
 
 @pytest.mark.parametrize("content", CONTENTS)
 def test_odd_content_of_a_free_lock(lock_dir, content):
-    path = lock_path("job")
+    path = lock_file("job")
     path.write_bytes(content)
     assert ProcessLock("job").holder() is None
     with ProcessLock("job", blocking=False) as lock:
@@ -252,7 +252,7 @@ def done(proc: subprocess.Popen) -> None:
 @pytest.mark.parametrize("options", [(), ("-s",)], ids=["exclusive", "shared"])
 def test_holder_that_is_not_proclock(lock_dir, content, options):
     # flock(1) holds the file whatever it contains: the kernel's pid wins over any record.
-    path = lock_path("job")
+    path = lock_file("job")
     path.write_bytes(content)
     proc = flock_holding(path, *options)
     try:
@@ -269,7 +269,7 @@ def test_holder_that_is_not_proclock(lock_dir, content, options):
 
 def test_stale_proclock_record_under_a_foreign_holder(lock_dir):
     # Our own record from an earlier hold stays in the file; flock(1) takes it next.
-    path = lock_path("job")
+    path = lock_file("job")
     with ProcessLock("job"):
         pass
     proc = flock_holding(path)
@@ -303,7 +303,7 @@ def test_one_of_several_shared_holders_is_reported(child_holds):
 def test_holder_while_a_waiter_is_queued(child_holds, lock_dir):
     # A process blocked in flock(2) is listed in /proc/locks too: it is not the holder.
     child, _, _ = child_holds()
-    path = lock_path("job")
+    path = lock_file("job")
     waiter = subprocess.Popen(["flock", str(path), "true"])
     try:
         assert children.wait_until(lambda: children.blocked_in_kernel(str(path), waiter.pid))

@@ -15,7 +15,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from proclock import LockNameError, ProcessLock, lock_path, process_locked
+import proclock
+from conftest import lock_file
+from proclock import LockNameError, ProcessLock, process_locked
+
+# Names that look like absolute paths are the point here; ProcessLock warns about them once.
+pytestmark = pytest.mark.filterwarnings("ignore:the lock name .* looks like a file path")
+
 
 SAFE_BASENAME = re.compile(r"[A-Za-z0-9._-]+\.lock")
 NAME_MAX = 255
@@ -62,7 +68,7 @@ def inside(path: Path, directory: Path) -> bool:
 @example(names=["a\udcff", "a\udcfe", "a\ufffd"])
 @example(names=["é", "e", "e\u0301"])
 def test_distinct_names_never_share_a_file(lock_dir, names):
-    paths = [lock_path(n) for n in names]
+    paths = [lock_file(n) for n in names]
     assert len(set(paths)) == len(names)
     # Not even on a case-insensitive file system (macOS): "A" and "a" differ by more than case.
     assert len({p.name.casefold() for p in paths}) == len(names)
@@ -78,7 +84,7 @@ def test_distinct_names_never_share_a_file(lock_dir, names):
 @example(name="日本語/ロック" * 40)
 @example(name="x" * 100_000)
 def test_file_name_is_safe_bounded_and_inside_the_directory(lock_dir, name):
-    path = lock_path(name)
+    path = lock_file(name)
     assert inside(path, lock_dir)
     assert len(os.fsencode(path.name)) <= NAME_MAX
     assert SAFE_BASENAME.fullmatch(path.name), path.name
@@ -89,7 +95,7 @@ def test_file_name_is_safe_bounded_and_inside_the_directory(lock_dir, name):
     "name", ["billing-export", "sync_42", "My.Job-1"], ids=["dash", "underscore", "dots"]
 )
 def test_file_name_starts_with_the_readable_name(lock_dir, name):
-    assert lock_path(name).name.startswith(name)
+    assert lock_file(name).name.startswith(name)
 
 
 @pytest.mark.parametrize("name", ["../x", "/etc/passwd", "..", ".", "\udcff", "a/b/c"])
@@ -102,8 +108,8 @@ def test_awkward_names_lock_a_file_inside_the_directory(lock_dir, name):
 def test_lock_path_does_not_depend_on_pythonhashseed(lock_dir):
     names = ["sync-1", "a/b", "Ünïcode", "x" * 500]
     code = (
-        "import json, sys, proclock\n"
-        "print(json.dumps([proclock.lock_path(n).name for n in sys.argv[1:]]))"
+        "import json, os, sys, proclock\n"
+        "print(json.dumps([os.path.basename(proclock.lock_path(n)) for n in sys.argv[1:]]))"
     )
     outputs = []
     for seed in ("0", "4242"):
@@ -117,13 +123,13 @@ def test_lock_path_does_not_depend_on_pythonhashseed(lock_dir):
             check=True,
         )
         outputs.append(json.loads(proc.stdout))
-    assert outputs[0] == outputs[1] == [lock_path(n).name for n in names]
+    assert outputs[0] == outputs[1] == [lock_file(n).name for n in names]
 
 
 def test_process_lock_and_lock_path_agree(lock_dir):
-    assert ProcessLock("sync-1").path == str(lock_path("sync-1"))
+    assert ProcessLock("sync-1").path == str(lock_file("sync-1"))
     assert ProcessLock("sync-1", lock_dir=lock_dir / "other").path == str(
-        lock_path("sync-1", lock_dir=lock_dir / "other")
+        lock_file("sync-1", lock_dir=lock_dir / "other")
     )
 
 
@@ -144,7 +150,7 @@ def test_template_lock_is_the_named_lock(lock_dir):
     "use",
     [
         pytest.param(ProcessLock, id="ProcessLock"),
-        pytest.param(lock_path, id="lock_path"),
+        pytest.param(proclock.lock_path, id="lock_path"),
         pytest.param(lambda n: process_locked(n)(print), id="process_locked"),
         pytest.param(lambda n: process_locked(name=n)(print), id="process_locked-name"),
     ],
@@ -287,14 +293,14 @@ def test_script_functions_are_named_after_the_scripts_absolute_path(tmp_path, re
     locks = tmp_path / "locks"
     arg = "job.py" if relative else str(script)
     out = run([arg], locks, cwd=script.parent)
-    assert out == lock_path(f"{script}.main", lock_dir=locks).name
+    assert out == lock_file(f"{script}.main", lock_dir=locks).name
 
 
 def test_singleton_script_is_named_after_the_scripts_absolute_path(tmp_path):
     script = write_script(tmp_path / "bin" / "tool.py", "singleton_process")
     locks = tmp_path / "locks"
     out = run([str(script)], locks, cwd=tmp_path)
-    assert out == lock_path(str(script), lock_dir=locks).name
+    assert out == lock_file(str(script), lock_dir=locks).name
 
 
 def test_python_dash_m_package_singleton_is_named_after_the_package(tmp_path):
@@ -304,14 +310,14 @@ def test_python_dash_m_package_singleton_is_named_after_the_package(tmp_path):
     write_script(pkg / "__main__.py", "singleton_process")
     locks = tmp_path / "locks"
     out = run(["-m", "mypkg"], locks, cwd=pkg.parent)
-    assert out == lock_path("mypkg", lock_dir=locks).name
+    assert out == lock_file("mypkg", lock_dir=locks).name
 
 
 def test_python_dash_m_module_function_is_named_after_the_module(tmp_path):
     write_script(tmp_path / "root" / "mymod.py", "process_locked(blocking=False)")
     locks = tmp_path / "locks"
     out = run(["-m", "mymod"], locks, cwd=tmp_path / "root")
-    assert out == lock_path("mymod.main", lock_dir=locks).name
+    assert out == lock_file("mymod.main", lock_dir=locks).name
 
 
 @pytest.mark.parametrize("decorator", ["process_locked(blocking=False)", "singleton_process"])

@@ -15,8 +15,8 @@ import pytest
 
 import children
 from children import blocked_in_kernel, fd_targets, kernel_flocks, wait_until
-from conftest import FORK, SPAWN, TESTS
-from proclock import LockHeldError, LockTimeoutError, ProcessLock, _core, lock_path
+from conftest import FORK, SPAWN, TESTS, lock_file
+from proclock import LockHeldError, LockTimeoutError, ProcessLock, _core
 from proclock.backends import flock as flock_backend
 
 FLOCK = "/usr/bin/flock"
@@ -115,7 +115,7 @@ def test_sigkilled_holder_frees_the_lock_at_once(lock_dir, start):
     holder.join(10)
     assert holder.exitcode == -signal.SIGKILL
     # The kernel freed the lock at exit; its record is still in the file, and is history.
-    assert json.loads(lock_path("killed").read_bytes())["pid"] == holder.pid
+    assert json.loads(lock_file("killed").read_bytes())["pid"] == holder.pid
     assert lock.holder() is None
     with lock.acquire(blocking=False):  # at once: not even a wait
         me = lock.holder()
@@ -257,7 +257,7 @@ def test_exec_children_do_not_inherit_the_lock_fd(lock_dir):
 
 
 def test_flock1_fails_while_proclock_holds(lock_dir):
-    path = lock_path("interop")
+    path = lock_file("interop")
     with ProcessLock("interop"):
         assert flock_nb(path) == 1
         assert flock_nb(path, "-s") == 1
@@ -268,7 +268,7 @@ def test_flock1_fails_while_proclock_holds(lock_dir):
 
 
 def test_proclock_fails_while_flock1_holds(lock_dir):
-    path = lock_path("interop")
+    path = lock_file("interop")
     with ProcessLock("interop"):
         pass  # leave a record of ours (a live pid) in the file: it must not be read as holder
     shell = subprocess.Popen(
@@ -420,7 +420,7 @@ def test_failed_attempts_and_timeouts_leak_nothing(lock_dir, start, fd_count):
         ProcessLock("leak", blocking=False).acquire()
     gc.collect()  # descriptors of earlier tests' garbage must not close during the count
     fds, threads = fd_count(), threading.active_count()
-    path = os.path.realpath(lock_path("leak"))
+    path = os.path.realpath(lock_file("leak"))
     assert fd_targets().count(path) == 1  # the kept descriptor
     for i in range(2_000):
         with pytest.raises(LockHeldError):
@@ -501,8 +501,8 @@ def test_shared_holders_in_threads_share(lock_dir):
         assert sum(s["owners"] for s in _core.snapshot().values()) == 2
         with pytest.raises(LockHeldError):
             ProcessLock("readers", blocking=False).acquire()  # a writer is excluded
-        assert flock_nb(lock_path("readers"), "-s") == 0
-        assert flock_nb(lock_path("readers")) == 1
+        assert flock_nb(lock_file("readers"), "-s") == 0
+        assert flock_nb(lock_file("readers")) == 1
     finally:
         both.wait()
         for reader in readers:
@@ -564,10 +564,10 @@ def test_stale_metadata_is_tolerated(lock_dir, content):
         assert (me.pid, me.argv) == (os.getpid(), tuple(sys.orig_argv))
         if content is None or content == b"" or content.startswith(b'{"v":'):
             assert me.acquired_at is not None  # from the record we just wrote
-            assert json.loads(lock_path("stale").read_bytes())["pid"] == os.getpid()
+            assert json.loads(lock_file("stale").read_bytes())["pid"] == os.getpid()
         else:  # not a proclock record: never written (the kernel names the holder)
             assert me.acquired_at is None
-            assert lock_path("stale").read_bytes() == content
+            assert lock_file("stale").read_bytes() == content
     assert lock.holder() is None
 
 

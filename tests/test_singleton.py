@@ -5,11 +5,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import warnings
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from proclock import LockHeldError, ProcessLock, lock_path
 from proclock._holder import lock_state
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # The program holds its instance lock, says "ready", and finishes when told to (a line on
 # stdin): no sleeps anywhere.
@@ -152,10 +157,10 @@ def test_name_is_the_program_so_two_scripts_do_not_collide(lock_dir, tmp_path):
     with Running(str(one)) as first:
         # Both define main(); the lock is the program's (its absolute path), not main's.
         with Running(str(two)) as other:
-            assert ProcessLock(str(two)).holder().pid == other.pid
-        assert ProcessLock(str(one)).holder().pid == first.pid
+            assert program_lock(two).holder().pid == other.pid
+        assert program_lock(one).holder().pid == first.pid
         with pytest.raises(LockHeldError):
-            ProcessLock(str(one), blocking=False).acquire()
+            program_lock(one, blocking=False).acquire()
 
 
 def test_same_script_by_a_relative_path_collides(lock_dir, tmp_path):
@@ -196,3 +201,10 @@ def test_explicit_name(lock_dir, tmp_path):
         assert second.returncode == 1
         assert f"pid {first.pid}" in second.stderr
         assert ProcessLock("shared-name").holder().pid == first.pid
+
+
+def program_lock(script: Path, **options: Any) -> ProcessLock:
+    """The lock of a script's singleton, named by its absolute path (warned about in user code)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return ProcessLock(str(script), **options)

@@ -1,6 +1,6 @@
 """Cross-process locks on flock(2): `@process_locked`, `@singleton_process`, `ProcessLock`."""
 
-from ._decorators import process_locked, singleton_process
+from ._decorators import lock_of, process_locked, singleton_process
 from ._errors import (
     AlreadyRunningError,
     BackendUnavailableError,
@@ -66,6 +66,7 @@ __all__ = [
     "SlotHolder",
     "UnsafeLockPathError",
     "current_slot",
+    "lock_of",
     "lock_path",
     "process_limited",
     "process_locked",

@@ -2,23 +2,24 @@
 
 Built on argparse (no dependency) and on the library itself: `run` takes the lock with
 `ProcessLock`, so waiting never polls and the lock file is vetted exactly as for Python callers.
+
+Modules only one subcommand needs (subprocess, json, datetime, shlex) are imported where they
+are used: `proclock path` starts ~5 ms sooner (bench/run.py, section 4).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
 
 from . import _dirs, _gc, _holder, _names, _semfiles
 from ._errors import LockHeldError, LockNameError, LockTimeoutError, ProcLockError
-from ._lock import ProcessLock, lock_path
+from ._lock import ProcessLock
 from ._policy import Retry
 from ._semaphore import ProcessSemaphore, SemaphoreFullError, current_slot, turnstile_file_name
 
@@ -39,6 +40,7 @@ EXIT_NOTFOUND = 127  # as a shell: command not found
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
+_DIGITS_RE = re.compile(r"[0-9]+")
 _DURATION_RE = re.compile(r"(?P<n>\d+(?:\.\d*)?|\.\d+)(?P<unit>[smhdw]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -47,8 +49,10 @@ exit status:
   COMMAND's own     run: COMMAND ran; its exit status is proclock's
   128+N             run: COMMAND was killed by signal N (130: Ctrl-C while waiting)
   1, or -E N        run: the lock is busy (-n, -w expired, --retry spent)
-  {EXIT_USAGE}                 bad usage: unknown option, missing '--' or COMMAND, bad value
-  {EXIT_CANTUSE}                the lock directory or file cannot be used (unsafe, EACCES, EROFS...)
+  {EXIT_USAGE}                 bad usage: unknown option, missing '--' or COMMAND, bad value,
+                    a flock(1) option proclock does not have (-u, -F, flock 9)
+  {EXIT_CANTUSE}                the lock directory or file cannot be used (unsafe, EACCES, EROFS),
+                    or (status, path, gc) the lock directory does not exist
   {EXIT_NOEXEC}               run: COMMAND was found but cannot be executed
   {EXIT_NOTFOUND}               run: COMMAND was not found
 """
@@ -71,7 +75,11 @@ examples:
   proclock run -n --retry 5 --retry-delay 2 report -- ./report.sh # 5 attempts, 2 s apart
   proclock run -s cache-read -- ./read-cache.sh                   # shared (reader) lock
   proclock run --path /var/lock/app.lock -- ./app                 # a file flock(1) users share
-  proclock run backup -- sh -c 'dump | gzip > /tmp/db.gz'         # flock -c: a shell string
+  proclock run backup -c 'dump | gzip > /tmp/db.gz'               # as flock -c: $SHELL -c STRING
+
+-n with -w is -n, as in flock(1): one try, whatever the order. flock(1)'s -u, -F and descriptor
+form (flock 9) act on descriptors of the calling shell: proclock refuses them and says what to
+use instead (flock itself, on "$(proclock path --mkdir NAME)").
 
 By default COMMAND inherits the lock descriptor, as with flock(1): the lock lives as long as
 COMMAND and whatever it forks keep it open. With -o only proclock holds it, and it is released
@@ -90,19 +98,28 @@ examples:
   proclock status --json | jq '.[] | select(.state != "free")'
 
 Columns: NAME, STATE (free, held, shared), PID and COMMAND of the holder, SINCE (when it was
-acquired, where the lock file records it), WAITERS (processes blocked on it). A lock file whose
-name cannot be recovered shows as its file name in angle brackets (JSON: "name": null).
+acquired, local time, where the lock file records it), WAITERS (processes blocked on it). A lock
+file whose name cannot be recovered shows as its file name in angle brackets (JSON: "name":
+null). --json times are ISO 8601 in UTC (2026-12-02T14:03:07.123+00:00).
+status never creates the lock directory. A default directory that does not exist yet means no
+lock was taken there: status shows none, and says so on stderr. A --dir or $PROCLOCK_DIR that
+does not exist is an error (73).
 
-exit status: 0; 2 bad usage; 73 the lock directory cannot be used.
+exit status: 0; 2 bad usage; 73 the lock directory cannot be used, or --dir/$PROCLOCK_DIR is
+missing.
 """
 
 PATH_EPILOG = """\
 examples:
   proclock path nightly-backup
-  flock -n "$(proclock path nightly-backup)" ./backup.sh    # flock(1) takes the same lock
+  flock -n "$(proclock path --mkdir nightly-backup)" ./backup.sh   # flock(1), the same lock
   proclock path --dir /srv/locks nightly-backup
 
-exit status: 0; 2 bad usage (e.g. an empty name); 73 the lock directory cannot be used.
+path never creates the lock directory unless --mkdir is given (flock(1) creates the lock file,
+but not its directory): a missing directory is reported, and nothing is printed on stdout.
+
+exit status: 0; 2 bad usage (e.g. an empty name); 73 the lock directory cannot be used or does
+not exist (add --mkdir).
 """
 
 GC_EPILOG = """\
@@ -116,8 +133,11 @@ if gc can lock it with LOCK_EX|LOCK_NB at that moment, and it is unlinked while 
 lock: a process that opened the old file before then notices (proclock checks the inode after
 every acquisition; flock(1) does not) and takes the new file. Held files are never touched.
 DURATION is a number with an optional unit: s, m, h, d, w (30s, 10m, 2h, 7d); plain is seconds.
+gc never creates the lock directory: a default one that does not exist has nothing to delete
+(exit 0); a --dir or $PROCLOCK_DIR that does not exist is an error (73).
 
-exit status: 0; 1 a file could not be deleted; 2 bad usage; 73 the directory cannot be used.
+exit status: 0; 1 a file could not be deleted; 2 bad usage; 73 the directory cannot be used, or
+--dir/$PROCLOCK_DIR is missing.
 """
 
 
@@ -135,8 +155,35 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (then exit 2), never a traceback."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.refuse(f"{message} (see '{self.prog} --help')")
+
+    def refuse(self, message: str) -> NoReturn:
+        """A usage error whose message already says what to do instead."""
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(EXIT_USAGE)
+
+
+class _Unsupported(argparse.Action):
+    """A flock(1) option proclock does not have: noted here, refused after parsing (_refusal).
+
+    Refused after parsing rather than here so that the message can name the lock.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, nargs: int = 0) -> None:
+        del dest
+        super().__init__(
+            option_strings, "unsupported", nargs=nargs, default=None, help=argparse.SUPPRESS
+        )
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,  # noqa: ARG002  (argparse's signature)
+        namespace: argparse.Namespace,
+        values: object,  # noqa: ARG002
+        option_string: str | None = None,
+    ) -> None:
+        if namespace.unsupported is None:
+            namespace.unsupported = option_string or self.option_strings[0]
 
 
 def _seconds(text: str) -> float:
@@ -222,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="run COMMAND holding lock NAME",
         usage=f"{PROG} run NAME [options] -- COMMAND [ARGS...]\n"
-        f"       {PROG} run --path FILE [options] -- COMMAND [ARGS...]",
+        f"       {PROG} run NAME [options] -c STRING\n"
+        f"       {PROG} run --path FILE [options] (-- COMMAND [ARGS...] | -c STRING)",
         description="Run COMMAND holding lock NAME (flock(1)-compatible options).",
         epilog=RUN_EPILOG,
         formatter_class=fmt,
@@ -236,17 +284,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="a semaphore: run COMMAND in one of N slots (at most N at once); "
         "PROCLOCK_SLOT=<0..N-1> is exported to it",
     )
+    run.add_argument(
+        "-c",
+        "--command",
+        metavar="STRING",
+        dest="shell_command",
+        help="run STRING with $SHELL -c (/bin/sh if unset), as flock -c does; instead of "
+        "-- COMMAND",
+    )
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("-s", "--shared", action="store_true", help="take a shared (reader) lock")
     mode.add_argument(
-        "-x", "--exclusive", action="store_true", help="take an exclusive lock (the default)"
+        "-x", "-e", "--exclusive", action="store_true", help="take an exclusive lock (the default)"
     )
-    wait = run.add_mutually_exclusive_group()
-    wait.add_argument(
-        "-n", "--nonblock", action="store_true", help="fail at once if the lock is busy"
+    run.add_argument(
+        "-n",
+        "--nonblock",
+        "--nonblocking",
+        "--nb",
+        action="store_true",
+        help="fail at once if the lock is busy (with -w too, as in flock(1))",
     )
-    wait.add_argument(
-        "-w", "--timeout", metavar="SECONDS", type=_seconds, help="wait at most SECONDS"
+    run.add_argument(
+        "-w", "--timeout", "--wait", metavar="SECONDS", type=_seconds, help="wait at most SECONDS"
     )
     run.add_argument(
         "-E",
@@ -283,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument(
         "-v", "--verbose", action="store_true", help="report acquisition, command and release"
     )
+    # flock(1) options proclock refuses with a reason (_refusal), not "unrecognized arguments".
+    run.add_argument("-u", "--unlock", action=_Unsupported)
+    run.add_argument("-F", "--no-fork", action=_Unsupported)
+    run.add_argument("--fcntl", action=_Unsupported)
+    run.add_argument("--start", "--length", action=_Unsupported, nargs=1)
 
     status = sub.add_parser(
         "status",
@@ -299,12 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
     path = sub.add_parser(
         "path",
         help="print the lock file's path (for flock(1), scripts)",
-        description="Print the file of lock NAME (vetting, and for the default, creating "
-        "the directory; never the file).",
+        description="Print the file of lock NAME: the directory is vetted, and created only "
+        "with --mkdir; the file never is.",
         epilog=PATH_EPILOG,
         formatter_class=fmt,
     )
     path.add_argument("name", metavar="NAME", help="the lock's name")
+    path.add_argument(
+        "--mkdir",
+        action="store_true",
+        help="create the lock directory if missing (0700), as proclock run would: for flock(1)",
+    )
     _add_dir(path)
 
     gc = sub.add_parser(
@@ -334,9 +404,19 @@ def _say(message: str) -> None:
 
 
 def _when(at: float | None) -> str | None:
+    """Local time, for people (the table, the busy line)."""
     if at is None:
         return None
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+def _iso(at: float | None) -> str | None:
+    """ISO 8601 in UTC with its offset, for programs: as strings, they sort as the times do."""
+    if at is None:
+        return None
+    import datetime as dt  # noqa: PLC0415
+
+    return dt.datetime.fromtimestamp(at, dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _ago(seconds: float) -> str:
@@ -412,14 +492,11 @@ class _WaitLine:
         head = f"waiting for lock {self._label!r}"
         if holder is None:
             return (head + elapsed)[: width - 1]
-        if holder.pid is None:
-            return (head + " held by another process" + elapsed)[: width - 1]
-        command = holder.short_command(width=1000)
-        fixed = f"{head} held by pid {holder.pid} ()" + elapsed
-        room = max(width - 1 - len(fixed), 8)
-        if len(command) > room:
-            command = command[: room - 3] + "..."
-        return f"{head} held by pid {holder.pid} ({command}){elapsed}"
+        who = holder.describe()  # as errors and status name a holder
+        room = max(width - 1 - len(head) - len(" held by ") - len(elapsed), 11)
+        if len(who) > room:
+            who = who[: room - 3] + "..."
+        return f"{head} held by {who}{elapsed}"
 
     def _run(self) -> None:
         me = os.getpid()
@@ -458,7 +535,7 @@ def _is_tty(stream: TextIO) -> bool:
 
 def _make_lock(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ProcessLock:
     if args.name is None and args.path is None:
-        parser.error("give a lock NAME (or --path FILE) before '--'")
+        parser.error("give a lock NAME (or --path FILE)")
     if args.name is not None and args.path is not None:
         parser.error("give a lock NAME or --path FILE, not both")
     if args.path is not None and args.dir is not None:
@@ -488,7 +565,8 @@ def _make_lock(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Pro
             args.name,
             path=args.path,
             blocking=not args.nonblock,
-            timeout=args.timeout,
+            # -n with -w: flock(1) makes one LOCK_NB try, the timer never matters; so do we.
+            timeout=None if args.nonblock else args.timeout,
             retry=retry,
             shared=args.shared,
             lock_dir=args.dir,
@@ -550,6 +628,8 @@ def _run(args: argparse.Namespace, command: list[str], parser: argparse.Argument
 
 def _spawn_and_wait(command: list[str], pass_fds: tuple[int, ...], *, verbose: bool) -> int:
     """Run COMMAND, forwarding SIGINT, SIGTERM and SIGHUP to it; its status, as a shell gives."""
+    import subprocess  # noqa: PLC0415
+
     child: subprocess.Popen[bytes] | None = None
     pidfd: int | None = None
     pending: list[int] = []
@@ -613,59 +693,105 @@ def _spawn_and_wait(command: list[str], pass_fds: tuple[int, ...], *, verbose: b
     return _status_of(code)
 
 
-# -- status --------------------------------------------------------------------------------------
+# -- status ------------------------------------------------------------------------------------
 
 
-def _describe_file(path: str, name: str | None) -> dict[str, Any]:
+def _describe_file(path: str, name: str | None) -> tuple[dict[str, Any], Holder | None]:
+    """One lock file as `status --json` shows it (keys documented in docs/cli.md), its holder."""
     holder, waiters = _holder.lock_state(path)
     if name is None:
         meta = _holder.read_metadata(path)
         name = _names.recover_name(os.path.basename(path), meta.get("name") if meta else None)
     state = "free" if holder is None else "shared" if holder.shared else "held"
-    at = holder.acquired_at if holder is not None else None
-    return {
+    row = {
         "name": name,
         "file": os.path.basename(path),
         "path": path,
         "exists": os.path.lexists(path),
         "state": state,
         "pid": holder.pid if holder is not None else None,
+        "own_pid": holder.own_pid if holder is not None else None,
+        "elsewhere": holder.elsewhere if holder is not None else None,
         "hostname": holder.hostname if holder is not None else None,
         "argv": list(holder.argv) if holder is not None and holder.argv else None,
         "command": holder.command if holder is not None else None,
-        "acquired_at": at,
-        "held_since": _when(at),
+        "acquired_at": _iso(holder.acquired_at) if holder is not None else None,
         "waiters": waiters,
     }
+    return row, holder
 
 
-def _named_rows(name: str, directory: str | None) -> list[dict[str, Any]]:
+class _Directory:
+    """The lock directory of status, path and gc: resolved and vetted, never created."""
+
+    def __init__(self, lock_dir: str | None) -> None:
+        self.path, self.kind = _dirs.resolve(lock_dir)
+        if lock_dir is not None:
+            self.origin = "--dir"
+        elif self.kind == _dirs.NAMED:
+            self.origin = "$PROCLOCK_DIR"
+        else:
+            self.origin = "the default"
+        try:
+            _dirs.vet(self.path, self.kind, create=False)
+        except FileNotFoundError:
+            self.exists = False
+        else:
+            self.exists = True
+
+    def file_of(self, name: str) -> str:
+        """The lock file of `name`, as ProcessLock(name).path names it (FlockBackend.locate)."""
+        return os.path.join(os.path.realpath(self.path), _names.file_name(name))
+
+    def missing(self, remedy: str) -> int:
+        _say(f"the lock directory {self.path} ({self.origin}) does not exist; {remedy}")
+        return EXIT_CANTUSE
+
+
+_NAMED_MISSING = "check the spelling (proclock run creates it when it first takes a lock there)"
+
+
+def _named_rows(name: str, where: _Directory) -> list[tuple[dict[str, Any], Holder | None]]:
     """The rows of `status NAME`: the lock's, or a semaphore's of that name (and its slots)."""
-    path = str(lock_path(name, lock_dir=directory))
-    sem = _semfiles.at(os.path.join(os.path.dirname(path), turnstile_file_name(name)))
+    turnstile = os.path.join(os.path.realpath(where.path), turnstile_file_name(name))
+    sem = _semfiles.at(turnstile) if where.exists else None
     if sem is not None and sem.name == name:
         return _semfiles.status_rows(sem, _describe_file)
-    return [_describe_file(path, name)]
+    return [_describe_file(where.file_of(name), name)]
 
 
 def _status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
-        if args.names:
-            try:
-                rows = [row for n in args.names for row in _named_rows(n, args.dir)]
-            except LockNameError as exc:
-                parser.error(str(exc))
-        else:
-            directory, kind = _dirs.resolve(args.dir)
-            _dirs.vet(directory, kind)
-            semaphores, files = _semfiles.find(_gc.lock_files(directory))
+        names = [_names.check_name(n) for n in args.names]
+    except LockNameError as exc:
+        parser.error(str(exc))
+    try:
+        where = _Directory(args.dir)
+        if not where.exists and where.kind == _dirs.NAMED:
+            return where.missing(_NAMED_MISSING)
+        if not where.exists:
+            # Not an error: no lock was taken here yet. Said on stderr all the same, because
+            # "no locks" may come from looking in the wrong place (cron has no XDG_RUNTIME_DIR).
+            _say(
+                f"the lock directory {where.path} ({where.origin}) does not exist yet: no lock "
+                "was taken there (a job run with another environment, e.g. from cron, may use "
+                "another; set PROCLOCK_DIR to share one)"
+            )
+        if names:
+            rows = [row for n in names for row in _named_rows(n, where)]
+        elif where.exists:
+            semaphores, files = _semfiles.find(_gc.lock_files(where.path))
             rows = [row for sem in semaphores for row in _semfiles.status_rows(sem, _describe_file)]
             rows += [_describe_file(p, None) for p in files]
+        else:
+            rows = []
     except OSError as exc:
         _say(f"cannot use the lock directory: {exc}")
         return EXIT_CANTUSE
     if args.json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        import json  # noqa: PLC0415
+
+        sys.stdout.write(json.dumps([row for row, _ in rows], indent=2) + "\n")
         return 0
     header = ("NAME", "STATE", "PID", "SINCE", "WAITERS", "COMMAND")
     table = [
@@ -675,11 +801,12 @@ def _status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 row["name"] if row["name"] is not None else f"<{row['file']}>",
                 row["state"],
                 "-" if row["pid"] is None else str(row["pid"]),
-                row["held_since"] or "-",
+                (_when(holder.acquired_at) if holder is not None else None) or "-",
                 str(row["waiters"]),
-                row["command"] or "-",
+                # One line whatever the argv holds: control characters escaped, as everywhere.
+                holder.short_command() if holder is not None and holder.argv else "-",
             )
-            for row in rows
+            for row, holder in rows
         ),
     ]
     # COMMAND last: it is the one long column, and the others stay aligned.
@@ -695,9 +822,17 @@ def _status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
-        sys.stdout.write(f"{lock_path(args.name, lock_dir=args.dir)}\n")
+        name = _names.check_name(args.name)
     except LockNameError as exc:
         parser.error(str(exc))
+    try:
+        where = _Directory(args.dir)
+        if not where.exists and args.mkdir:
+            _dirs.vet(where.path, where.kind)  # as `proclock run` creates it: 0700
+        elif not where.exists:
+            # flock(1) creates the lock file but not its directory: say so before it fails.
+            return where.missing("add --mkdir to create it (0700), as proclock run would")
+        sys.stdout.write(f"{where.file_of(name)}\n")
     except OSError as exc:
         _say(f"cannot use the lock directory: {exc}")
         return EXIT_CANTUSE
@@ -706,9 +841,12 @@ def _path(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def _collect(args: argparse.Namespace) -> int:
     try:
-        directory, kind = _dirs.resolve(args.dir)
-        _dirs.vet(directory, kind)
-        files = _gc.collectable(directory)
+        where = _Directory(args.dir)
+        if not where.exists:
+            if where.kind == _dirs.NAMED:
+                return where.missing(_NAMED_MISSING)
+            return 0  # the default directory, not made yet: no lock file to delete
+        files = _gc.collectable(where.path)
         semaphores, files = _semfiles.find(files)
     except OSError as exc:
         _say(f"cannot use the lock directory: {exc}")
@@ -746,28 +884,92 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
     return argv, None
 
 
+def _quote(word: str) -> str:
+    import shlex  # noqa: PLC0415
+
+    return shlex.quote(word)
+
+
+def _refusal(option: str, name: str | None) -> str:
+    """Why proclock does not have flock(1)'s `option`, and what to use instead."""
+    if name is None or _DIGITS_RE.fullmatch(name):  # `-u 9`: a descriptor, not a lock name
+        name = "NAME"
+    where = f'"$(proclock path --mkdir {_quote(name)})"'
+    if option in {"-u", "--unlock"}:
+        return (
+            f"{option} is not supported: it unlocks a descriptor the calling shell opened, "
+            f"which proclock cannot reach; use flock itself: exec 9>>{where}; flock 9; ...; "
+            "flock -u 9"
+        )
+    if option in {"-F", "--no-fork"}:
+        return (
+            f"{option} is not supported: proclock stays COMMAND's parent to forward signals and "
+            "report how it ended, and COMMAND inherits the lock, so it lasts as long as with "
+            f"-F: drop {option} (or use flock -F {where} COMMAND)"
+        )
+    return (  # --fcntl, --start, --length
+        f"{option} is not supported: proclock takes whole-file flock(2) locks, not fcntl(2) "
+        f"byte ranges; use flock {option} on {where}"
+    )
+
+
+def _run_command(
+    args: argparse.Namespace,
+    extra: list[str],
+    command: list[str] | None,
+    parser: _Parser,
+) -> list[str]:
+    """COMMAND for `run`: after '--', or -c STRING through the shell; usage errors exit here."""
+    options = [a for a in extra if a.startswith("-") and a != "-"]
+    if options:
+        parser.error(f"unrecognized arguments: {' '.join(options)}")
+    if args.unsupported is not None:
+        parser.refuse(_refusal(args.unsupported, args.name))
+    if args.shell_command is not None:
+        if command is not None:
+            parser.error("give -c STRING or '--' COMMAND, not both")
+        if extra:
+            parser.error(
+                f"-c takes exactly one STRING: quote the whole command line, as in "
+                f"-c 'backup.sh --full' (found {' '.join(extra)!r} after it)"
+            )
+        # flock(1): $SHELL, or _PATH_BSHELL when it is unset or empty.
+        return [os.environ.get("SHELL") or "/bin/sh", "-c", args.shell_command]
+    if command is None:
+        name = args.name
+        if not extra and args.path is None and name is not None and _DIGITS_RE.fullmatch(name):
+            parser.refuse(
+                f"'run {name}' with no COMMAND is flock's descriptor form (flock {name}), which "
+                "locks a descriptor of the calling shell that proclock cannot reach; use flock "
+                f'itself: exec {name}>>"$(proclock path --mkdir NAME)"; flock {name} (a lock '
+                f"named {name!r} needs a COMMAND: run {name} -- COMMAND)"
+            )
+        hint = f" (found {' '.join(extra)!r})" if extra else ""
+        parser.error(
+            f"missing '--' before COMMAND{hint}: run NAME [options] -- COMMAND, "
+            "or run NAME [options] -c 'STRING'"
+        )
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not command:
+        parser.error("missing COMMAND after '--'")
+    return command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `proclock` command line; returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     before, command = _split_command(args_list)
-    if before and before[0] == "run" and command is None:
-        args, extra = parser.parse_known_args(before)
-        run_parser = _subparser(parser, "run")
-        options = [a for a in extra if a.startswith("-")]
-        if options:
-            run_parser.error(f"unrecognized arguments: {' '.join(options)}")
-        hint = f" (found {' '.join(extra)!r})" if extra else ""
-        run_parser.error(f"missing '--' before COMMAND{hint}: run NAME [options] -- COMMAND")
     args, extra = parser.parse_known_args(before)
     sub = _subparser(parser, args.subcommand)
-    if extra:
+    if args.subcommand == "run":
+        command = _run_command(args, extra, command, sub)
+    elif extra:
         sub.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.subcommand == "run":
-            assert command is not None  # noqa: S101  (checked above)
-            if not command:
-                sub.error("missing COMMAND after '--'")
+            assert command is not None  # noqa: S101  (_run_command returns one or exits)
             return _run(args, command, sub)
         if args.subcommand == "status":
             return _status(args, sub)
@@ -783,7 +985,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+def _subparser(parser: argparse.ArgumentParser, name: str) -> _Parser:
     for action in parser._actions:  # noqa: SLF001  (argparse keeps subparsers only there)
         if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
             return action.choices[name]  # type: ignore[no-any-return]

@@ -14,16 +14,18 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any, Literal, TypeVar, overload
 
-    from typing_extensions import ParamSpec
+    from typing_extensions import ParamSpec, Unpack
 
     from ._dirs import StrPath
     from ._errors import LockLostError
     from ._policy import Retry
+    from ._typing import Keeps, LockedOptions, OrElse, OrNone, SingletonOptions
     from .backends import Backend
 
     P = ParamSpec("P")
     OnContention = Literal["raise", "skip", "exit"] | Callable[[LockHeldError], Any]
     R = TypeVar("R")
+    T = TypeVar("T")
 else:
 
     def overload(func: object) -> object:
@@ -60,14 +62,14 @@ def _check_outcome(on_contention: object, exit_code: object) -> None:
 class _Namer:
     """Computes the lock for one call: a fixed lock, a template, or a callable."""
 
-    __slots__ = ("_base", "_cache", "_fields", "_func_name", "_kind", "_signature", "_template")
+    __slots__ = ("_base", "_cache", "_kind", "_signature", "_template", "func_name")
 
     def __init__(self, base: ProcessLock, name: object, func: Any) -> None:
         self._base = base
         self._cache: dict[str, ProcessLock] = {}
         self._template = ""
         self._signature: Any = None
-        self._func_name = getattr(getattr(func, "__func__", func), "__qualname__", repr(func))
+        self.func_name = getattr(getattr(func, "__func__", func), "__qualname__", repr(func))
         if callable(name):
             self._kind = "callable"
             return
@@ -87,7 +89,7 @@ class _Namer:
                 raise LockNameError(
                     name,
                     f"the template field {{{root}}} names no parameter of "
-                    f"{self._func_name}{self._signature}; use one of: {', '.join(params)}",
+                    f"{self.func_name}{self._signature}; use one of: {', '.join(params)}",
                 )
 
     @property
@@ -128,20 +130,20 @@ class _Namer:
             name = name_or_fn(*full_args, **kwargs)
             if not isinstance(name, str):
                 raise LockNameError(
-                    name, f"the name callable of {self._func_name} must return a str"
+                    name, f"the name callable of {self.func_name} must return a str"
                 )
         else:
             try:
                 bound = self._signature.bind(*full_args, **kwargs)
             except TypeError as exc:
-                msg = f"{self._func_name}() {exc}"
+                msg = f"{self.func_name}() {exc}"
                 raise TypeError(msg) from None
             bound.apply_defaults()
             try:
                 name = self._template.format_map(bound.arguments)
             except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
                 raise LockNameError(
-                    self._template, f"cannot be filled from this call of {self._func_name}: {exc!r}"
+                    self._template, f"cannot be filled from this call of {self.func_name}: {exc!r}"
                 ) from None
         lock = self._cache.get(name)
         if lock is None:
@@ -282,7 +284,10 @@ def _decorate(func: Any, spec: _Spec) -> Any:
                     _core.give_again(hold, count)  # Ctrl-C at give()'s first instruction
                     raise
 
-    return _wrapper_class()(func, wrapper)
+    decorated = _wrapper_class()(func, wrapper)
+    # What lock_of() reads: wrapt keeps `_self_` attributes on the proxy, not the function.
+    decorated._self_proclock = spec  # noqa: SLF001
+    return decorated
 
 
 def _locked_generator(lock: ProcessLock, spec: _Spec, gen: Any) -> Any:
@@ -395,7 +400,11 @@ def _build(
     if path is not None and name is not None:
         msg = f"give the decorator a name or path=, not both (name={name!r}, path={path!r})"
         raise ValueError(msg)
-    base = ProcessLock(base_name, **options)
+    if name is None and path is None and base_name is not None:
+        # A derived name (a script's absolute path, for one) is not the user's: no warning.
+        base = ProcessLock("derived", **options)._renamed(base_name)  # noqa: SLF001
+    else:
+        base = ProcessLock(base_name, **options)
     namer = _Namer(base, fixed if fixed is not None else name if callable(name) else "", func)
     spec = _Spec(namer, name, on_contention, exit_code, singleton=singleton)
     return _decorate(func, spec)
@@ -410,20 +419,29 @@ def process_locked(  # noqa: F811
     func: str | None = None,
     /,
     *,
-    name: str | Callable[..., str] | None = None,
-    blocking: bool = True,
-    timeout: float | None = None,
-    retry: Retry | int | None = None,
-    on_contention: OnContention = "raise",
-    exit_code: int = 1,
-    shared: bool = False,
-    lock_dir: StrPath | None = None,
-    path: StrPath | None = None,
-    mode: int = 0o600,
-    reentrant: bool = True,
-    backend: Backend | str | None = None,
-    on_lost: Callable[[LockLostError], object] | None = None,
-) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+    on_contention: Literal["raise", "exit"] = "raise",
+    **options: Unpack[LockedOptions],
+) -> Keeps: ...
+
+
+@overload
+def process_locked(  # noqa: F811
+    func: str | None = None,
+    /,
+    *,
+    on_contention: Literal["skip"],
+    **options: Unpack[LockedOptions],
+) -> OrNone: ...
+
+
+@overload
+def process_locked(  # noqa: F811
+    func: str | None = None,
+    /,
+    *,
+    on_contention: Callable[[LockHeldError], T],
+    **options: Unpack[LockedOptions],
+) -> OrElse[T]: ...
 
 
 def process_locked(  # noqa: F811  (the implementation after the typed variants)
@@ -444,11 +462,51 @@ def process_locked(  # noqa: F811  (the implementation after the typed variants)
     backend: Backend | str | None = None,
     on_lost: Callable[[LockLostError], object] | None = None,
 ) -> Any:
-    """Run the function holding a cross-process lock (flock(2)) for the length of each call.
+    """Run the function holding a cross-process lock for the length of each call.
 
     `@process_locked` derives the name from the function (`<module>.<qualname>`);
-    `@process_locked("name")` names it, and `"sync-{account_id}"` fills a template from the
-    call's arguments. Options are validated here, when the decorator is applied.
+    `@process_locked("name")` names it; `"sync-{account_id}"` fills a template from each
+    call's bound arguments. Works on functions, methods, classmethods and staticmethods (put
+    it outside `@classmethod`), coroutine functions (waiting never blocks the event loop) and
+    generators (held from the first `next()` to exhaustion or `close()`). Options are
+    validated here, when the decorator is applied, not at each call.
+
+    Args:
+        func: the function (bare `@process_locked`), or the name as first positional argument.
+        name: a str, a template (`"sync-{account_id}"`, `"{self.id}"`), or a callable taking
+            the call's arguments and returning the name.
+        blocking: wait for the lock (default); False makes one attempt.
+        timeout: seconds to wait at most; None waits forever; 0 is one attempt.
+        retry: a `Retry`, or an int of attempts in all: after a failed attempt, sleep and try
+            again (needs `blocking=False` or a timeout).
+        on_contention: what a call does when the lock stays busy: "raise" (the default,
+            `LockHeldError` or `LockTimeoutError`), "skip" (return None without calling),
+            "exit" (one line on stderr, then `SystemExit(exit_code)`), or a callable taking
+            the `LockHeldError`, whose result the call returns.
+        exit_code: the status of "exit", 0 to 255 (default 1, as flock(1)).
+        shared: take a shared (reader) lock; writers exclude readers and each other.
+        lock_dir: the directory of the lock file (default: `$PROCLOCK_DIR`, else
+            `$XDG_RUNTIME_DIR/proclock`, else `<tempdir>/proclock-<uid>`).
+        path: an explicit lock file instead of a name (for other programs using that file).
+        mode: permissions of a lock file proclock creates (default 0o600; must include it).
+        reentrant: count re-entry by the same thread or task (default); False raises
+            `ProcLockError` on re-entry instead.
+        backend: None for flock(2), a URL ("postgresql://...", "redis://...") or a backend
+            object (`proclock.backends.PostgresBackend`, `RedisBackend`).
+        on_lost: called with the `LockLostError` the moment a held lock is lost (network
+            backends; `LockLostError` is also raised when the call ends).
+
+    Raises:
+        TypeError, ValueError: at decoration, for an option that cannot be used (the message
+            names it), a class instead of a function, or contradictory options (`blocking=False`
+            with a timeout, `retry` with an unbounded wait).
+        LockNameError: at decoration, a template field that names no parameter; at a call,
+            a name the call cannot fill.
+        LockHeldError, LockTimeoutError: at a call, the lock stayed busy (with "raise").
+        UnsafeLockPathError: the lock directory or file could be subverted by another user.
+        OSError: the lock directory or file cannot be used (EACCES, EROFS, ENOSPC), with the
+            lock, the directory and what to do in the message; the function is not called.
+        BackendUnavailableError, LockLostError: network backends only.
     """
     if isinstance(func, str):
         if name is not None:
@@ -497,19 +555,29 @@ def singleton_process(  # noqa: F811
     func: str | None = None,
     /,
     *,
-    name: str | Callable[..., str] | None = None,
-    blocking: bool = ...,
-    timeout: float | None = None,
-    retry: Retry | int | None = None,
-    on_contention: OnContention = "exit",
-    exit_code: int = 1,
-    lock_dir: StrPath | None = None,
-    path: StrPath | None = None,
-    mode: int = 0o600,
-    reentrant: bool = True,
-    backend: Backend | str | None = None,
-    on_lost: Callable[[LockLostError], object] | None = None,
-) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+    on_contention: Literal["raise", "exit"] = "exit",
+    **options: Unpack[SingletonOptions],
+) -> Keeps: ...
+
+
+@overload
+def singleton_process(  # noqa: F811
+    func: str | None = None,
+    /,
+    *,
+    on_contention: Literal["skip"],
+    **options: Unpack[SingletonOptions],
+) -> OrNone: ...
+
+
+@overload
+def singleton_process(  # noqa: F811
+    func: str | None = None,
+    /,
+    *,
+    on_contention: Callable[[LockHeldError], T],
+    **options: Unpack[SingletonOptions],
+) -> OrElse[T]: ...
 
 
 def singleton_process(  # noqa: F811  (the implementation after the typed variants)
@@ -529,10 +597,36 @@ def singleton_process(  # noqa: F811  (the implementation after the typed varian
     backend: Backend | str | None = None,
     on_lost: Callable[[LockLostError], object] | None = None,
 ) -> Any:
-    """Let one instance of this program run `func` at a time; a second one exits (code 1).
+    """Let one instance of this program run `func` at a time; a second one exits (status 1).
 
-    The name is the program's (the `-m` module, else the script's absolute path), not the
-    function's. `timeout=5` waits up to 5 s for the other instance to finish.
+    The lock is named after the program, not the function: the `-m` module (`python -m pkg`
+    is "pkg"), else the script's absolute path; so every entry point of one program excludes
+    the others. The second instance prints one line naming the running one's pid and command
+    on stderr and exits. It takes the options of `process_locked` except `shared`, with
+    other defaults:
+
+    Args:
+        func: the function (bare `@singleton_process`), or the name as first positional argument.
+        name: a name instead of the program's (a str, template or callable).
+        blocking: default False (a second instance gives up at once); True waits for the
+            first to finish. A `timeout` implies True: `timeout=5` waits up to 5 s.
+        timeout: seconds to wait for the running instance; None waits forever when blocking.
+        retry: a `Retry`, or an int of attempts in all.
+        on_contention: default "exit"; "raise" raises `AlreadyRunningError` instead, "skip"
+            returns None, a callable gets the `AlreadyRunningError` and its result is returned.
+        exit_code: the exit status of "exit" (default 1).
+        lock_dir: the directory of the lock file, as for `process_locked`.
+        path: an explicit lock file (a pid-file path other tools look at, for instance).
+        mode: permissions of a lock file proclock creates (default 0o600).
+        reentrant: count re-entry (default True).
+        backend: None for flock(2), a URL or a backend object: one instance across machines.
+        on_lost: called with the `LockLostError` if a network backend loses the lock.
+
+    Raises:
+        TypeError, ValueError: at decoration, as for `process_locked`.
+        AlreadyRunningError: with on_contention="raise", another instance holds the lock.
+        SystemExit: with on_contention="exit" (the default), another instance holds it.
+        OSError, UnsafeLockPathError: the lock directory or file cannot be used.
     """
     if blocking is _UNSET_BLOCKING:
         blocking = timeout is not None
@@ -561,3 +655,41 @@ def singleton_process(  # noqa: F811  (the implementation after the typed varian
         ProcessLock("validate" if path is None else None, **options)  # type: ignore[arg-type]
         return decorator
     return decorator(func)
+
+
+def lock_of(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> ProcessLock:
+    """The `ProcessLock` a function decorated by proclock takes, to inspect it.
+
+    `lock_of(refresh_cache).path` is the file, `.holder()` who holds it, `.name` its name, so
+    an operator never rebuilds `pkg.mod.func` by hand. For a name that depends on the call
+    (a template or a name callable), pass the call's arguments:
+    `lock_of(sync, account_id=42)` is the lock that `sync(42)` takes. Arguments are used only
+    to fill the name; for a fixed name they make no difference.
+
+    Raises:
+        TypeError: `func` is not decorated by `process_locked` or `singleton_process`, or the
+            name needs arguments that were not given.
+        LockNameError: the arguments do not fill the template.
+    """
+    spec: _Spec | None = getattr(func, "_self_proclock", None)
+    parent = getattr(func, "_self_parent", None)  # a method reached through its instance
+    if spec is None and parent is not None:
+        spec = getattr(parent, "_self_proclock", None)
+    if not isinstance(spec, _Spec):
+        msg = (
+            f"lock_of() takes a function decorated with @process_locked or "
+            f"@singleton_process, not {func!r}"
+        )
+        raise TypeError(msg)
+    namer = spec.namer
+    fixed = namer.fixed
+    if fixed is not None:
+        return fixed
+    try:
+        return namer.lock_for(spec.name, func, args, kwargs)
+    except TypeError as exc:
+        msg = (
+            f"the lock name of {namer.func_name} depends on its arguments "
+            f"({spec.name!r}): pass them as in the call, lock_of({namer.func_name}, ...) ({exc})"
+        )
+        raise TypeError(msg) from None

@@ -50,20 +50,24 @@ def resolve(lock_dir: StrPath | None) -> tuple[str, str]:
     return os.path.join(tempfile.gettempdir(), f"proclock-{os.geteuid()}"), DEFAULT
 
 
-def vet(directory: str, kind: str) -> None:
+def vet(directory: str, kind: str, *, create: bool = True) -> None:
     """Create `directory` if missing (0700) and refuse it if another user could subvert it.
+
+    With `create=False` (the CLI's status, path and gc) a missing directory is never created:
+    FileNotFoundError is raised instead.
 
     Raises:
         UnsafeLockPathError: a symlink, not a directory, or (default directories) not private.
     """
-    try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        if kind == DEFAULT:
-            raise
-        os.makedirs(directory, 0o700, exist_ok=True)
+    if create:
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            if kind == DEFAULT:
+                raise
+            os.makedirs(directory, 0o700, exist_ok=True)
     st = os.lstat(directory)
     if stat.S_ISLNK(st.st_mode):
         raise UnsafeLockPathError(

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from . import _core, _dirs, _names, _policy
+from . import _core, _names, _policy
 from ._errors import ProcLockError
 from ._spec import make_spec
 from .backends._base import SHARED
-from .backends.flock import FLOCK
+from .backends.flock import FLOCK, vetted_path
 
 TYPE_CHECKING = False  # typing costs ~3 ms of import time; mypy reads this as typing's
 if TYPE_CHECKING:
-    import pathlib
     from collections.abc import Callable
     from types import TracebackType
     from typing import Any
@@ -148,6 +147,8 @@ class ProcessLock:
         backend: Backend | str | None = None,
         on_lost: Callable[[LockLostError], object] | None = None,
     ) -> None:
+        if name is not None and path is None and _looks_like_a_path(name):
+            _warn_path_like(name)
         spec = make_spec(
             name,
             path=path,
@@ -220,10 +221,7 @@ class ProcessLock:
         if live:
             return live[-1].key[0]
         if self._backend is FLOCK:
-            path, directory, kind = FLOCK.locate(self._spec)
-            if directory is not None:
-                _dirs.vet(directory, kind)
-            return path
+            return vetted_path(self._spec)
         return self._backend.location(self._spec)
 
     # -- state -----------------------------------------------------------------------------
@@ -241,8 +239,15 @@ class ProcessLock:
 
     @property
     def locked(self) -> bool:
-        """True while this object holds the lock in this process (by any thread or task)."""
-        return bool(self._live())
+        """True while this object holds the lock in this process (by any thread or task).
+
+        Calls of a decorated function hold it through the decorator's lock, which is the
+        object `lock_of(func)` returns: `lock_of(func).locked` is True while a call runs here.
+        """
+        if self._live():
+            return True
+        spec = self._spec
+        return any(h.spec is spec and h.state == _core.HELD for h in _core.holds())
 
     @property
     def fencing_token(self) -> int | None:
@@ -322,7 +327,11 @@ class ProcessLock:
     async def acquire_async(
         self, blocking: bool = UNSET, timeout: float | None = UNSET
     ) -> Acquired:
-        """`acquire` for coroutines: waits without blocking the event loop; cancellable."""
+        """`acquire` for coroutines: waits without blocking the event loop.
+
+        Same arguments, result and errors as `acquire`. A task cancelled while it waits
+        (`asyncio.CancelledError`, `asyncio.timeout`) leaves nothing held or queued.
+        """
         spec = self._spec_for(blocking, timeout)
         hold = await _core.take_async(spec, self._backend, _core.current_owner(), self._on_lost)
         try:  # inline, not a call: Ctrl-C on a callee's first instruction would lose the hold
@@ -457,22 +466,56 @@ class ProcessLock:
         return ProcessLock._from_spec(spec, self._backend, self._on_lost)
 
 
+_warned_names: set[str] = set()
+
+
+def _looks_like_a_path(name: object) -> bool:
+    """An absolute file path given as a name ("/tmp/app.lock"), as filelock users write it."""
+    return (
+        isinstance(name, str)
+        and name.startswith("/")
+        and (name.rfind("/") > 0 or name.endswith((".lock", ".pid")))
+    )
+
+
+def _warn_path_like(name: str) -> None:
+    """Warn once per name that it names a lock in the lock directory, not that file."""
+    if name in _warned_names:
+        return
+    _warned_names.add(name)
+    import sys  # noqa: PLC0415
+    import warnings  # noqa: PLC0415
+
+    # Point at the user's line: the first frame outside proclock (a decorator or ProcessLock).
+    level, frame = 1, sys._getframe(0)  # noqa: SLF001
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("proclock."):
+        level, frame = level + 1, frame.f_back  # type: ignore[assignment]
+    warnings.warn(
+        f"the lock name {name!r} looks like a file path, but a name locks a file of its own "
+        f"in the lock directory, not {name}; to lock that file, write path={name!r} "
+        "(or drop the leading '/' from the name)",
+        UserWarning,
+        stacklevel=level,
+    )
+
+
 def _backends_resolve(backend: object) -> Backend:
     from .backends import resolve  # noqa: PLC0415
 
     return resolve(backend)
 
 
-def lock_path(name: str, *, lock_dir: StrPath | None = None) -> pathlib.Path:
-    """The lock file for `name`, as a pathlib.Path (for flock(1) and other programs).
+def lock_path(name: str, *, lock_dir: StrPath | None = None) -> str:
+    """The lock file of `name`, for flock(1) and other programs: `ProcessLock(name).path`.
 
-    Vets (and for the default directory, creates) the directory, never the file.
+    A str, as `ProcessLock.path` and the errors' `.path` are; the directory in it is the real
+    one (symlinks resolved). Vets (and for the default directory, creates) the directory,
+    never the file.
 
     Raises:
+        LockNameError: the name is empty or holds a NUL byte.
         UnsafeLockPathError: the directory cannot be used safely.
     """
-    import pathlib  # noqa: PLC0415  (lazy: ~2 ms of import time nobody else needs)
-
     spec = make_spec(
         name,
         path=None,
@@ -484,7 +527,4 @@ def lock_path(name: str, *, lock_dir: StrPath | None = None) -> pathlib.Path:
         mode=0o600,
         reentrant=True,
     )
-    _, directory, kind = FLOCK.locate(spec)
-    if directory is not None:
-        _dirs.vet(directory, kind)
-    return pathlib.Path(directory or "", _names.file_name(name))
+    return vetted_path(spec)

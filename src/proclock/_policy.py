@@ -30,6 +30,19 @@ class Retry(Frozen):
 
     `delay` is the pause before the second attempt; each later pause is multiplied by
     `backoff`, capped at `max_delay`, and varied by up to ±`jitter` (a fraction of the pause).
+    `retry=3` is `Retry(attempts=3)`. Each attempt waits as the lock's `blocking`/`timeout`
+    say, so a retried lock needs `blocking=False` or a timeout; the `LockHeldError` raised
+    when all attempts failed says how many were made (`.attempts`).
+
+    Args:
+        attempts: attempts in all, >= 1 (1: no retry).
+        delay: seconds before the second attempt, >= 0.
+        backoff: factor applied to each later pause, >= 1.
+        max_delay: the longest pause before jitter, >= 0.
+        jitter: fraction of each pause added or removed at random, 0 to 1.
+
+    Raises:
+        TypeError, ValueError: a value out of range, naming the field (`Retry(attempts=)`).
     """
 
     __slots__ = ("attempts", "delay", "backoff", "max_delay", "jitter")  # noqa: RUF023

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
+    from ._holder import Holder
+
 _READ = 512
 
 
@@ -78,34 +80,36 @@ def at(turnstile: str) -> SemaphoreFiles | None:
 
 
 def status_rows(
-    sem: SemaphoreFiles, describe: Callable[[str, str | None], dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """A summary row for the semaphore, then one per slot (`describe` makes a lock's row)."""
-    turnstile = describe(sem.turnstile, sem.name)
+    sem: SemaphoreFiles,
+    describe: Callable[[str, str | None], tuple[dict[str, Any], Holder | None]],
+) -> list[tuple[dict[str, Any], Holder | None]]:
+    """A summary row for the semaphore, then one per slot, each with its holder.
+
+    `describe` makes a lock file's row (`status --json`) and gives its holder.
+    """
+    turnstile, _ = describe(sem.turnstile, sem.name)
     slots = []
     for i, path in enumerate(sem.slots):
-        row = describe(path, f"{sem.name} [slot {i}]")
+        row, holder = describe(path, f"{sem.name} [slot {i}]")
         row.update(semaphore=sem.name, slot=i)
-        slots.append(row)
-    held = sum(row["state"] != "free" for row in slots)
+        slots.append((row, holder))
+    held = sum(row["state"] != "free" for row, _ in slots)
     # The turnstile's holder is the head of the queue (waiting for a slot) or a process taking
     # a free one this instant; its waiters queue behind it.
     waiting = turnstile["waiters"] + (turnstile["state"] != "free")
     summary = {
-        **turnstile,
+        **dict.fromkeys(turnstile),  # nobody holds a semaphore as a whole
+        "name": sem.name,
+        "file": turnstile["file"],
+        "path": turnstile["path"],
+        "exists": turnstile["exists"],
         "kind": "semaphore",
         "limit": sem.limit,
         "held": held,
         "state": f"{held}/{sem.limit} held",
-        "pid": None,
-        "hostname": None,
-        "argv": None,
-        "command": None,
-        "acquired_at": None,
-        "held_since": None,
         "waiters": waiting,
     }
-    return [summary, *slots]
+    return [(summary, None), *slots]
 
 
 def collect(sem: SemaphoreFiles, *, older_than: float | None, dry_run: bool) -> list[str]:

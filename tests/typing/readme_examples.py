@@ -32,7 +32,8 @@ def read_report() -> list[str]:
     return []
 
 
-@process_locked(name=lambda account_id: f"acct-{account_id}")
+# A lambda's parameters have no types: pyright's strict mode says so in the caller's code.
+@process_locked(name=lambda account_id: f"acct-{account_id}")  # pyright: ignore[reportUnknownLambdaType, reportUnknownArgumentType]
 async def refresh_account(account_id: int) -> int:
     return account_id
 

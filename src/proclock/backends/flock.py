@@ -44,7 +44,7 @@ import threading
 import time
 
 from .. import _core, _dirs, _flock, _holder, _names
-from .._errors import ProcLockError
+from .._errors import ProcLockError, UnsafeLockPathError
 from ._base import FD, FREED_ON_EXIT, LOCAL, SHARED, WAIT_ANY, Handle
 
 TYPE_CHECKING = False
@@ -189,22 +189,34 @@ def _claim(path: str, attempt: Owner) -> _Desc | None:
     return None
 
 
-def _open(path: str, mode: int, located: Located | None, owner: Owner | _Parked) -> _Desc:
+def _open(
+    path: str,
+    mode: int,
+    located: Located | None,
+    owner: Owner | _Parked,
+    spec: LockSpec | None = None,
+) -> _Desc:
     """A new description of `path`, BUSY for `owner` (and recorded in it); vetted first."""
     if located is not None:
         _, directory, kind = located
-        if directory is None:
-            _dirs.vet_parent(path)
-        else:
-            _dirs.vet(directory, kind)
+        try:
+            if directory is None:
+                _dirs.vet_parent(path)
+            else:
+                _dirs.vet(directory, kind)
+        except OSError as exc:
+            raise _explained(exc, spec, located) from None
     with _open_lock:
         try:
-            fd, st, _created = _flock.open_lock_file(path, mode)
+            try:
+                fd, st, _created = _flock.open_lock_file(path, mode)
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                _evict(0)  # out of descriptors: our idle ones go first, then try once more
+                fd, st, _created = _flock.open_lock_file(path, mode)
         except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                raise
-            _evict(0)  # out of descriptors: our idle ones go first, then try once more
-            fd, st, _created = _flock.open_lock_file(path, mode)
+            raise _explained(exc, spec, located) from None
         try:
             magic = _flock.mark(fd)
             file = _files.get(path)
@@ -217,6 +229,53 @@ def _open(path: str, mode: int, located: Located | None, owner: Owner | _Parked)
             raise
         owner.private = desc
     return desc
+
+
+def vetted_path(spec: LockSpec) -> str:
+    """The lock file of `spec`, its directory vetted (the default one created), no file opened.
+
+    Raises:
+        UnsafeLockPathError: the directory cannot be used safely.
+        OSError: it cannot be used at all (the message names the lock, the directory, where
+            the directory came from and what to do).
+    """
+    located = FLOCK.locate(spec)
+    path, directory, kind = located
+    if directory is not None:
+        try:
+            _dirs.vet(directory, kind)
+        except OSError as exc:
+            raise _explained(exc, spec, located) from None
+    return path
+
+
+def _explained(exc: OSError, spec: LockSpec | None, located: Located | None) -> OSError:
+    """The same OSError (type, errno, file), saying which lock, which directory and its source.
+
+    A bare "[Errno 13] Permission denied" names neither the lock nor what to change.
+    UnsafeLockPathError says all that already; without a spec (a parked wait reopening a
+    replaced file) the error is passed on as it is.
+    """
+    if spec is None or isinstance(exc, UnsafeLockPathError) or exc.errno is None:
+        return exc
+    if spec.path is not None or located is None or located[1] is None:
+        where = f"the directory of its lock file (path={spec.path!r})"
+        remedy = "choose another path= or make that directory writable"
+    else:
+        directory = located[1]
+        if spec.lock_dir is not None:
+            source = "lock_dir="
+        elif located[2] == _dirs.NAMED:
+            source = "$PROCLOCK_DIR"
+        else:
+            source = "the default"
+        where = f"its lock directory {directory} (from {source})"
+        remedy = (
+            "choose another with lock_dir= or $PROCLOCK_DIR (proclock --dir), "
+            "or make that directory writable"
+        )
+    message = f"{exc.strerror}: lock {spec.label!r} cannot use {where}; {remedy}"
+    return type(exc)(exc.errno, message, exc.filename)
 
 
 def _close(desc: _Desc, owner: object) -> None:
@@ -499,7 +558,7 @@ def _attempt(spec: LockSpec, deadline: float | None = _NO_WAIT) -> Handle | None
                         _idle_total -= 1
                         break
             if desc is None:
-                desc = _open(path, spec.mode, FLOCK.locate(spec), handle)
+                desc = _open(path, spec.mode, FLOCK.locate(spec), handle, spec)
             try:  # the number must still be this description's (see _flock)
                 magic = desc.magic
                 mine = desc.gen == _core.generation and (
@@ -975,7 +1034,7 @@ def _start_parked(
     if _in_kernel >= PARKED_MAX:
         return False
     while True:
-        desc = _claim(path, attempt) or _open(path, spec.mode, located, attempt)
+        desc = _claim(path, attempt) or _open(path, spec.mode, located, attempt, spec)
         if desc.ours():
             break
         _close(desc, attempt)

@@ -52,9 +52,8 @@ from psycopg import conninfo as _conninfo
 from psycopg import errors as _pgerr
 from psycopg.pq import TransactionStatus
 
-from .. import _core
+from .. import _core, _holder
 from .._errors import BackendUnavailableError, ProcLockError
-from .._holder import Holder
 from ._base import FENCING, FREED_ON_EXIT, LOSS, SHARED, WAIT_ANY, Handle
 
 TYPE_CHECKING = False
@@ -63,6 +62,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import Any
 
+    from .._holder import Holder
     from .._spec import LockSpec
 
 __all__ = ["PostgresBackend", "advisory_key"]
@@ -815,9 +815,10 @@ class PostgresBackend:
         parsed = [(_parse_application_name(row[0]), row) for row in rows]
         chosen = next((p for p in parsed if p[0][0] != me), parsed[0])
         (pid, host, program), (_app, addr, _server_pid, mode, at) = chosen
-        return Holder(
-            pid=pid,
-            hostname=host if host is not None else addr,
+        return _holder.reported(
+            pid,
+            host if host is not None else addr,
+            _parse_application_name(application_name())[1] or "",
             argv=(program,) if program is not None else None,
             acquired_at=float(at) if at is not None else None,
             shared=mode == "ShareLock",

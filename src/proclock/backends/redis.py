@@ -55,7 +55,7 @@ from redis.exceptions import ConnectionError as _RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from .. import _core
+from .. import _core, _holder
 from .._errors import BackendUnavailableError
 from .._holder import Holder
 from ._base import FENCING, LOSS, Handle
@@ -715,13 +715,13 @@ class RedisBackend:
             return value if isinstance(value, kind) and not isinstance(value, bool) else None
 
         argv = typed("argv", list)
-        return Holder(
+        return _holder.reported(
             typed("pid", int),
             typed("host", str),
-            tuple(str(a) for a in argv) if argv is not None else None,
-            typed("acquired_at", (int, float)),
-            False,  # noqa: FBT003
-            typed("name", str),
+            os.uname().nodename,
+            argv=tuple(str(a) for a in argv) if argv is not None else None,
+            acquired_at=typed("acquired_at", (int, float)),
+            name=typed("name", str),
         )
 
 
