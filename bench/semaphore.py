@@ -6,7 +6,8 @@
 1. Wake latency: µs from a holder's release of a slot to the return of a waiter in another
    process (the semaphore full until then), p50/p99, beside raw flock(2)'s and proclock's own
    lock handoff measured the same way in the same run.
-2. Throughput and fairness: N = 8 processes loop acquire / a ~2 µs section / release on one
+2. Uncontended: one owner acquiring and releasing, beside a lock and portalocker.
+3. Throughput and fairness: N = 8 processes loop acquire / a ~2 µs section / release on one
    semaphore of limit 2 and 4: ops/s, fewest and most acquisitions of one process, and the
    longest single wait.
 
@@ -214,6 +215,27 @@ def throughput(kind: str, d: str, limit: int, nproc: int, seconds: float) -> dic
     }
 
 
+def uncontended(d: str, quick: bool) -> dict[str, float]:
+    """One owner taking and giving back, again and again: the semaphore beside a lock."""
+    from proclock import ProcessLock
+
+    lock = ProcessLock("uncontended-lock", lock_dir=d)
+    makers: dict[str, Any] = {"proclock lock": lock}
+    for kind in ("proclock", "portalocker"):
+        sem = Sem(kind, d, f"uncontended-{kind}", 2)
+        makers[f"{kind} semaphore, limit 2"] = sem
+    ops, rounds = (1_000, 3) if quick else (10_000, 7)
+    samples: dict[str, list[float]] = {k: [] for k in makers}
+    for _ in range(rounds):
+        for label, obj in makers.items():
+            start = time.perf_counter_ns()
+            for _ in range(ops):
+                obj.acquire()
+                obj.release()
+            samples[label].append((time.perf_counter_ns() - start) / ops / 1000)
+    return {label: statistics.median(v) for label, v in samples.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
@@ -249,8 +271,14 @@ def main() -> int:
         results["wake"] = {
             k: {"p50": pct(v, 0.5), "p99": pct(v, 0.99), "n": len(v)} for k, v in wake.items()
         }
+        print("\n## 2. Uncontended acquire + release (µs, median of interleaved rounds)\n")
+        print("| what | µs |")
+        print("|---|---|")
+        results["uncontended"] = uncontended(d, quick)
+        for label, us in results["uncontended"].items():
+            print(f"| {label} | {us:.1f} |")
         seconds = 0.5 if quick else 3.0
-        print(f"\n## 2. N = 8 processes, {seconds:g} s each: throughput and fairness\n")
+        print(f"\n## 3. N = 8 processes, {seconds:g} s each: throughput and fairness\n")
         print("| limit / semaphore | ops/s | fewest / most ops (ratio) | longest wait ms |")
         print("|---|---|---|---|")
         tp: dict[str, Any] = {}

@@ -18,7 +18,11 @@ How a slot is taken, and why nobody polls or starves:
   another limit gets a ValueError naming both. proclock never writes a holder record into a
   file with other content, so the record stays; `proclock gc` removes a semaphore's files only
   when nobody holds its turnstile or any slot.
-- The semaphore is a backend over the flock backend (`SemaphoreBackend`): the core
+- On PostgreSQL (`backend=`), the slots and the turnstile are advisory locks, the head waits
+  in the server's queue on every slot at once (one session each; the first grant is kept, the
+  others cancelled), and the limit is a row of its fencing table. Redis cannot wait for any of
+  N keys without a timed re-check, and is refused.
+- The semaphore is a backend over a lock backend (`SemaphoreBackend`): the core
   (`_core.take`/`give`) does what it does for every lock, once: re-entry (counted on the slot
   the owner holds), `reentrant=False`, waiting and retries, the contention errors, Ctrl-C and
   cancellation safety, logging and fork. Threads and tasks take slots of their own exactly as
