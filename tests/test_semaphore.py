@@ -740,3 +740,27 @@ async def _sync_in_task(sem):
     """A task that blocks its loop on `sem` (both slots held by this loop's other owners)."""
     with sem:
         pass
+
+
+def test_retry_makes_its_attempts_and_the_error_counts_them(lock_dir):
+    sem = ProcessSemaphore("retry", limit=1, blocking=False, retry=proclock.Retry(3, delay=0.01))
+    with HeldByChild("retry", 1, 1, lock_dir):
+        with pytest.raises(SemaphoreFullError) as info:
+            sem.acquire()
+        assert info.value.attempts == 3
+        assert "3 attempts" in str(info.value)
+
+
+def test_a_turnstile_with_foreign_content_is_refused_and_left_alone(lock_dir):
+    sem = ProcessSemaphore("foreign", limit=2)
+    with sem:
+        pass
+    path = sem.path
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\necho not a lock file\n")
+    with pytest.raises(ProcLockError, match="holds something else") as info:
+        sem.acquire()
+    assert path in str(info.value)
+    with open(path) as f:
+        assert f.read() == "#!/bin/sh\necho not a lock file\n"
+    assert not sem.locked
