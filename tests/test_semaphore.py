@@ -110,6 +110,20 @@ class HeldByChild:
         assert self.child.exitcode == 0
 
 
+@pytest.fixture(autouse=True)
+def _no_parked_wait_outlives_the_test():
+    """A head's abandoned waits end once the slots they wait on are freed: wait for that.
+
+    Another test in this worker counts parked waits (flock.parked_waits()); one of ours still
+    in the kernel for a few milliseconds would skew its count.
+    """
+    yield
+    deadline = time.monotonic() + 10
+    while flock.parked_waits():
+        assert time.monotonic() < deadline, "a parked wait outlived the test"
+        time.sleep(0.001)
+
+
 # -- the API ----------------------------------------------------------------------------------
 
 
