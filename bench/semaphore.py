@@ -39,6 +39,8 @@ import impls  # noqa: E402
 KINDS = ["proclock", "proclock-timeout", "portalocker", "portalocker-10ms"]
 if impls._postgres_reachable():  # noqa: SLF001
     KINDS.append("proclock-postgres")
+if impls._redis_reachable():  # noqa: SLF001
+    KINDS.append("proclock-redis")
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -52,7 +54,7 @@ class Sem:
     """One holder of at most one slot, whatever the implementation."""
 
     def __init__(self, kind: str, d: str, name: str, limit: int) -> None:
-        self.kind = kind
+        self.kind, self.name = kind, name
         if kind.startswith("proclock"):
             from proclock import ProcessSemaphore
 
@@ -62,6 +64,11 @@ class Sem:
 
                 backend = PostgresBackend(impls.POSTGRES_URL, namespace="proclock-bench")
                 self.sem = ProcessSemaphore(name, limit=limit, backend=backend)
+            elif kind == "proclock-redis":
+                from proclock.backends import RedisBackend
+
+                redis_backend = RedisBackend(impls.REDIS_URL, namespace="proclock-bench")
+                self.sem = ProcessSemaphore(name, limit=limit, backend=redis_backend)
             else:
                 self.sem = ProcessSemaphore(name, limit=limit, lock_dir=d, timeout=timeout)
             self.slot: Any = None
@@ -90,6 +97,16 @@ class Sem:
         """A waiter is blocked on the slot this one holds (in the kernel, or the server)."""
         if self.kind == "proclock-postgres":
             return bool(_pg_queued())
+        if self.kind == "proclock-redis":  # a subscriber to the held slot's release channel
+            import redis
+
+            client = redis.Redis.from_url(impls.REDIS_URL)
+            try:
+                slot = f"{self.name}\x1fslot-{self.slot.index}"
+                channel = self.sem.backend.inner.channel(slot)
+                return bool(client.pubsub_numsub(channel)[0][1])
+            finally:
+                client.close()
         if self.kind.startswith("proclock"):
             return bool(impls._blocked_waiters(str(self.slot.handle.location)))  # noqa: SLF001
         return bool(impls._blocked_waiters(str(self.sem.lock.filename)))  # noqa: SLF001
@@ -255,9 +272,8 @@ def main() -> int:
         print("| what | p50 | p99 | n |")
         print("|---|---|---|---|")
         wake: dict[str, Any] = {}
-        plain = ["raw", "proclock"] + (
-            ["proclock-postgres"] if "proclock-postgres" in KINDS else []
-        )
+        plain = ["raw", "proclock"]
+        plain += [k for k in KINDS if k in ("proclock-postgres", "proclock-redis")]
         for kind in plain:  # the plain lock's handoff, measured the same way
             lat = impls.run_handoffs(kind, d, 30 if quick else 300)
             wake[f"lock:{kind}"] = lat

@@ -105,21 +105,13 @@ def interrupted_waiter(name, lock_dir, release, result, backend=None):
     import signal
 
     from proclock import _core
-    from proclock.backends import flock
 
     sem = proclock.ProcessSemaphore(name, limit=2, lock_dir=lock_dir, backend=backend)
 
-    def queued():
-        if backend is None:
-            return flock.parked_waits()
-        import psycopg
-
-        with psycopg.connect(backend, autocommit=True) as conn:
-            sql = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
-            return conn.execute(sql).fetchone()[0]
-
     def interrupt():
-        while queued() < 2:  # the head waits on both slots (in the kernel, or the server)
+        while (
+            waits_on_slots(backend, name, 2) < 2
+        ):  # the head waits on both slots (in the kernel, or the server)
             time.sleep(0.001)
         os.kill(os.getpid(), signal.SIGINT)
 
@@ -200,3 +192,29 @@ def ask_backend_limit(name, limit, backend, answers):
         answers.put(f"ValueError: {exc}")
     else:
         answers.put("ok")
+
+
+def waits_on_slots(backend, name, limit):
+    """Waits on the slots of `name` now in progress, as the kernel or the server shows them.
+
+    flock: this process's parked helpers; PostgreSQL: sessions queued for an advisory lock;
+    Redis: subscribers to the slots' release channels.
+    """
+    if backend is None:
+        from proclock.backends import flock
+
+        return flock.parked_waits()
+    if backend.startswith("redis"):
+        import redis
+
+        client = redis.Redis.from_url(backend)
+        try:
+            channels = [f"proclock:chan:{name}\x1fslot-{i}" for i in range(limit)]
+            return sum(count for _, count in client.pubsub_numsub(*channels))
+        finally:
+            client.close()
+    import psycopg
+
+    with psycopg.connect(backend, autocommit=True) as conn:
+        sql = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+        return conn.execute(sql).fetchone()[0]

@@ -252,15 +252,6 @@ def test_network_backends_are_refused_rather_than_polled():
         ProcessSemaphore("x", limit=2, backend=fake)
 
 
-def test_redis_declares_no_wait_any_and_is_refused():
-    pytest.importorskip("redis")
-    url = "redis://127.0.0.1:6379/0"
-    with pytest.raises(ValueError, match="'wait-any' capability"):
-        ProcessSemaphore("x", limit=2, backend=url)
-    with pytest.raises(ValueError, match="does not poll"):
-        process_limited("x", limit=2, backend=url)
-
-
 def test_ctrl_c_while_waiting_leaves_nothing_held(lock_dir):
     with HeldByChild("ctrl-c", 2, 2, lock_dir) as child:
         result = SPAWN.Queue()

@@ -18,10 +18,11 @@ How a slot is taken, and why nobody polls or starves:
   another limit gets a ValueError naming both. proclock never writes a holder record into a
   file with other content, so the record stays; `proclock gc` removes a semaphore's files only
   when nobody holds its turnstile or any slot.
-- On PostgreSQL (`backend=`), the slots and the turnstile are advisory locks, the head waits
-  in the server's queue on every slot at once (one session each; the first grant is kept, the
-  others cancelled), and the limit is a row of its fencing table. Redis cannot wait for any of
-  N keys without a timed re-check, and is refused.
+- On PostgreSQL and Redis (`backend=`), the slots and the turnstile are that backend's locks
+  (advisory locks; leases), the head waits on every slot at once (one server-side wait, or one
+  subscription to the slot's release channel, each; the first grant is kept, the others
+  cancelled), and the limit is recorded once in the server (a row of the fencing table; a
+  key set with NX).
 - The semaphore is a backend over a lock backend (`SemaphoreBackend`): the core
   (`_core.take`/`give`) does what it does for every lock, once: re-entry (counted on the slot
   the owner holds), `reentrant=False`, waiting and retries, the contention errors, Ctrl-C and
@@ -239,7 +240,8 @@ def _mismatch(name: str, path: str, recorded: int, asked: int) -> ValueError:
     remedy = (
         "remove its files with `proclock gc`"
         if os.path.isabs(path)
-        else f"delete the row of {name!r} + ' limit' from the table proclock_fencing"
+        else "delete its limit record in the server (PostgreSQL: its row of the table "
+        "proclock_fencing; Redis: the key NAMESPACE:limit:NAME)"
     )
     return ValueError(
         f"semaphore {name!r} ({path}) has limit={recorded}, recorded by its first user, but "
@@ -255,8 +257,8 @@ class SemaphoreBackend:
     everything that backend does for a handle (fork, transfer_on_fork, the descriptor for
     `proclock run`, loss and fencing for a network backend) applies to a slot as to a lock.
     The inner backend must declare "wait-any": flock(2) (the head parks one helper thread per
-    slot, `backends._any`), PostgreSQL (one server-side wait per slot; the limit is recorded
-    with its `record_limit`).
+    slot, `backends._any`), PostgreSQL and Redis (one wait per slot, woken by the server; the
+    limit is recorded with their `record_limit`).
     """
 
     __slots__ = ("_parts", "capabilities", "inner", "limit", "local", "sep")
@@ -267,7 +269,7 @@ class SemaphoreBackend:
             msg = (
                 f"the {inner!r} backend cannot hold a semaphore: it cannot wait for any one "
                 f"of N slots without polling (it lacks the {WAIT_ANY!r} capability), and "
-                "proclock does not poll; use flock(2) (no backend=) or PostgreSQL"
+                "proclock does not poll; use flock(2) (no backend=), PostgreSQL or Redis"
             )
             raise ValueError(msg)
         self.limit, self.inner, self.local = limit, inner, local

@@ -58,7 +58,7 @@ from redis.retry import Retry
 from .. import _core, _holder
 from .._errors import BackendUnavailableError
 from .._holder import Holder
-from ._base import FENCING, LOSS, Handle
+from ._base import FENCING, LOSS, WAIT_ANY, Handle
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -207,7 +207,10 @@ class RedisBackend:
     holder): use PostgreSQL for shared=True.
     """
 
-    capabilities = frozenset((FENCING, LOSS))
+    # WAIT_ANY: a wait is woken by the release's message on the channel, or when the holder's
+    # lease runs out (its PTTL: a timer, not a poll), and cancelling acquire_async withdraws
+    # it: a semaphore's head waits for any of its slots with one such wait per slot.
+    capabilities = frozenset((FENCING, LOSS, WAIT_ANY))
 
     def __init__(
         self,
@@ -692,6 +695,23 @@ class RedisBackend:
         _core.report_lost(lease.handle, reason)
 
     # -- holder --------------------------------------------------------------------------------
+
+    def record_limit(self, name: str, limit: int) -> int:
+        """Record semaphore `name`'s limit unless one is recorded (SET NX); the one that is.
+
+        The key ``S:limit:N`` never expires: every user of the name sees it.
+        """
+        self._connect()
+        key = f"{self._namespace}:limit:{name}"
+        client = self._client
+        assert client is not None  # noqa: S101  (made by _connect)
+
+        def record() -> Any:
+            client.set(key, str(limit), nx=True)
+            return client.get(key)
+
+        value, _ = self._call(record)
+        return int(value)
 
     def holder(self, spec: LockSpec) -> Holder | None:
         """Who holds the lease now, from the JSON its holder stored; None if it is free."""
