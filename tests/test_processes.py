@@ -435,9 +435,11 @@ def test_failed_attempts_and_timeouts_leak_nothing(lock_dir, start, fd_count):
         if i % 100 == 0:
             # The first timed-out wait leaves its parked wait in flock(2) (a thread and a
             # descriptor of its own); every later one adopts it instead of starting another.
+            # (On a loaded machine a 1 ms wait may give up before its helper even started:
+            # the wait is then cancelled, not parked, and none is in flock(2).)
             assert fd_count() <= fds + 1
             assert threading.active_count() <= threads + 1
-            assert flock_backend.parked_waits() == 1
+            assert flock_backend.parked_waits() <= 1
     assert fd_count() <= fds + 1
     assert fd_targets().count(path) <= 2
     assert threading.active_count() <= threads + 1
