@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
-from proclock import Holder, ProcessLock, Retry, lock_path, process_locked, singleton_process
+import proclock
+from proclock import (
+    Holder,
+    ProcessLock,
+    ProcessSemaphore,
+    Retry,
+    lock_path,
+    process_limited,
+    process_locked,
+    singleton_process,
+)
 
 
 @process_locked
@@ -58,7 +69,21 @@ async def use_async() -> int:
         return await refresh_account(7)
 
 
+@process_limited("gpu", limit=2)  # at most 2 calls at once, across processes
+def infer(batch: list[str]) -> str:
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(proclock.current_slot("gpu"))  # 0 or 1
+    return os.environ["CUDA_VISIBLE_DEVICES"]
+
+
+def use_semaphore() -> int:
+    with ProcessSemaphore("gpu", limit=2, timeout=30) as slot:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(slot.index)  # distinct among the holders
+        return slot.index
+
+
 def run_all() -> None:
+    assert infer(["x"]) in {"0", "1"}
+    assert use_semaphore() in {0, 1}
     total: int = refresh_cache() + main()
     label: str = export()
     pair: tuple[int, bool] = sync(1)
