@@ -15,11 +15,12 @@ Per-connection controls: `proxy.connections()` lists the live `Link`s in accept 
 a waiter's passes). `proxy.accepted` counts the connections accepted so far, and
 `proxy.wait_accepted(n, timeout)` waits (on a condition, no polling) until `n` were.
 
-Guarantees: once `pause()` returns, no byte read afterwards is forwarded (a chunk a forwarding
-thread had already let through may still land: at most one per direction); `drop()` and `close()` return once the sockets are closed; no
-method sleeps. Threads: one acceptor, two forwarders per connection, all daemons, all ended by
-`close()`. Listens on a free port of 127.0.0.1 (`port`); forwards to (`host`, `target_port`),
-which may be changed with `retarget()` (e.g. to a restarted server on another port).
+Guarantees: once `pause()` returns, no byte read afterwards is forwarded (a chunk a
+forwarding thread had already let through may still land: at most one per direction);
+`drop()` and `close()` return once the sockets are closed; no method sleeps. Threads: one
+acceptor, two forwarders per connection, all daemons, all ended by `close()`. Listens on a
+free port of 127.0.0.1 (`port`); forwards to (`host`, `target_port`), which `retarget()`
+changes for new connections (e.g. to a restarted server on another port).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from typing import Self
 
 __all__ = ["Link", "TcpProxy"]
 
@@ -200,7 +202,7 @@ class TcpProxy:
         self.drop()
         self._thread.join(timeout=5)
 
-    def __enter__(self) -> TcpProxy:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -209,9 +211,8 @@ class TcpProxy:
     # -- internals -------------------------------------------------------------------------
 
     def _forget(self, link: Link) -> None:
-        with self._state:
-            with contextlib.suppress(ValueError):
-                self._links.remove(link)
+        with self._state, contextlib.suppress(ValueError):
+            self._links.remove(link)
 
     def _accept(self) -> None:
         while not self._closed:
