@@ -292,3 +292,19 @@ def test_a_redis_holder_on_another_host_has_no_local_pid(redis_url):
     finally:
         client.delete(backend.key("job"))
         client.close()
+
+
+def test_lock_of_a_limited_function_is_its_semaphore(lock_dir):
+    from proclock import ProcessSemaphore, process_limited
+
+    @process_limited("export-{tenant}", limit=2)
+    def export(tenant: str) -> None: ...
+
+    @process_limited("gpu", limit=3)
+    def infer() -> None: ...
+
+    templated = lock_of(export, "acme")
+    assert isinstance(templated, ProcessSemaphore)
+    assert (templated.name, templated.limit) == ("export-acme", 2)
+    assert isinstance(lock_of(infer), ProcessSemaphore)
+    assert lock_of(infer).limit == 3

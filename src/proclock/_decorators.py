@@ -364,6 +364,23 @@ async def _locked_async_generator(lock: ProcessLock, spec: _Spec, agen: Any) -> 
                 raise
 
 
+def check_decoratable(func: object, where: str) -> None:
+    """Refuse a class or a non-callable, saying what to decorate instead.
+
+    classmethod and staticmethod objects are not callable themselves; wrapt binds them (the
+    decorator goes outside them).
+    """
+    if isinstance(func, type):
+        msg = (
+            f"proclock decorates functions and methods, not a class ({func.__qualname__}): "
+            f"decorate the method that must run {where}, e.g. its run() or __call__()"
+        )
+        raise TypeError(msg)
+    if not callable(func) and not isinstance(func, (classmethod, staticmethod)):
+        msg = f"proclock decorates functions, not {type(func).__name__}"
+        raise TypeError(msg)
+
+
 def _build(
     func: Any,
     name: object,
@@ -373,16 +390,7 @@ def _build(
     *,
     singleton: bool,
 ) -> Any:
-    # classmethod objects are not callable themselves; wrapt binds them (decorator outside).
-    if isinstance(func, type):
-        msg = (
-            f"proclock decorates functions and methods, not a class ({func.__qualname__}): "
-            "decorate the method that must run under the lock, e.g. its run() or __call__()"
-        )
-        raise TypeError(msg)
-    if not callable(func) and not isinstance(func, (classmethod, staticmethod)):
-        msg = f"proclock decorates functions, not {type(func).__name__}"
-        raise TypeError(msg)
+    check_decoratable(func, "under the lock")
     _check_outcome(on_contention, exit_code)
     path = options.get("path")
     if name is None and path is None:

@@ -463,7 +463,8 @@ class ProcessLock:
     def _renamed(self, name: str) -> ProcessLock:
         """A lock with the same (already validated) options under another name."""
         spec = self._spec.replace(name=_names.check_name(name), path=None)
-        return ProcessLock._from_spec(spec, self._backend, self._on_lost)
+        # type(self): a semaphore's template gives a semaphore.
+        return type(self)._from_spec(spec, self._backend, self._on_lost)  # noqa: SLF001
 
 
 _warned_names: set[str] = set()

@@ -40,7 +40,7 @@ import os
 import time
 
 from . import _core, _names
-from ._decorators import _check_outcome, _decorate, _Namer, _Spec
+from ._decorators import _check_outcome, _decorate, _Namer, _Spec, check_decoratable
 from ._errors import LockHeldError, LockTimeoutError, ProcLockError
 from ._holder import Holder
 from ._lock import UNSET, Acquired, ProcessLock, _backends_resolve
@@ -52,21 +52,25 @@ from .backends.flock import FLOCK, PARKED_MAX, FlockBackend, _is_record
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Any, Literal, TypeVar
+    from typing import Any, Literal, TypeVar, overload
 
-    from typing_extensions import ParamSpec, Self
+    from typing_extensions import ParamSpec, Self, Unpack
 
     from ._core import Hold
     from ._dirs import StrPath
     from ._errors import LockLostError
     from ._policy import Retry
     from ._spec import LockSpec
+    from ._typing import Keeps, LimitedOptions, OrElse, OrNone
     from .backends._base import Handle
     from .backends._protocol import Backend
 
     P = ParamSpec("P")
     R = TypeVar("R")
+    T = TypeVar("T")
     OnContention = Literal["raise", "skip", "exit"] | Callable[[LockHeldError], Any]
+else:
+    from ._decorators import overload  # the run-time stand-in: the implementation wins
 
 
 LIMIT_MAX = PARKED_MAX  # a head waits with one parked helper per slot: never more than that
@@ -673,7 +677,40 @@ def current_slot(name: str) -> int:
     raise ProcLockError(msg)
 
 
+@overload
 def process_limited(
+    name: str | Callable[..., str] | None = None,
+    /,
+    *,
+    limit: int,
+    on_contention: Literal["raise", "exit"] = "raise",
+    **options: Unpack[LimitedOptions],
+) -> Keeps: ...
+
+
+@overload
+def process_limited(  # noqa: F811
+    name: str | Callable[..., str] | None = None,
+    /,
+    *,
+    limit: int,
+    on_contention: Literal["skip"],
+    **options: Unpack[LimitedOptions],
+) -> OrNone: ...
+
+
+@overload
+def process_limited(  # noqa: F811
+    name: str | Callable[..., str] | None = None,
+    /,
+    *,
+    limit: int,
+    on_contention: Callable[[LockHeldError], T],
+    **options: Unpack[LimitedOptions],
+) -> OrElse[T]: ...
+
+
+def process_limited(  # noqa: F811  (the implementation after the typed variants)
     name: str | Callable[..., str] | None = None,
     /,
     *,
@@ -688,7 +725,7 @@ def process_limited(
     reentrant: bool = True,
     backend: Backend | str | None = None,
     on_lost: Callable[[LockLostError], object] | None = None,
-) -> Callable[[Callable[P, R]], Callable[P, R]]:
+) -> Any:
     """Let at most `limit` calls run at once, across processes, threads and tasks.
 
     `@process_limited("gpu", limit=2)`; the name may be a template filled from the call's
@@ -714,15 +751,7 @@ def process_limited(
     ProcessSemaphore("validate", **options)  # misuse fails where it is written
 
     def decorator(func: Any) -> Any:
-        if isinstance(func, type):
-            msg = (
-                f"proclock decorates functions and methods, not a class ({func.__qualname__}): "
-                "decorate the method that must run within the limit"
-            )
-            raise TypeError(msg)
-        if not callable(func) and not isinstance(func, (classmethod, staticmethod)):
-            msg = f"proclock decorates functions, not {type(func).__name__}"
-            raise TypeError(msg)
+        check_decoratable(func, "within the limit")
         fixed = (
             _names.derived_name(func) if name is None else name if isinstance(name, str) else None
         )

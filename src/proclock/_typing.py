@@ -25,20 +25,25 @@ S = TypeVar("S")
 T_co = TypeVar("T_co", covariant=True)
 
 
-class SingletonOptions(TypedDict, total=False):
-    """The keyword options `singleton_process` shares with `process_locked`."""
+class LimitedOptions(TypedDict, total=False):
+    """The keyword options every decorator takes (`process_limited` takes these and limit)."""
 
-    name: str | Callable[..., str] | None
     blocking: bool
     timeout: float | None
     retry: Retry | int | None
     exit_code: int
     lock_dir: StrPath | None
-    path: StrPath | None
     mode: int
     reentrant: bool
     backend: Backend | str | None
     on_lost: Callable[[LockLostError], object] | None
+
+
+class SingletonOptions(LimitedOptions, total=False):
+    """The keyword options `singleton_process` shares with `process_locked`."""
+
+    name: str | Callable[..., str] | None
+    path: StrPath | None
 
 
 class LockedOptions(SingletonOptions, total=False):

@@ -10,7 +10,14 @@ from collections.abc import AsyncGenerator, Generator
 
 from typing_extensions import assert_type
 
-from proclock import LockHeldError, ProcessLock, lock_of, process_locked, singleton_process
+from proclock import (
+    LockHeldError,
+    ProcessLock,
+    lock_of,
+    process_limited,
+    process_locked,
+    singleton_process,
+)
 
 
 @process_locked(blocking=False, on_contention="skip")
@@ -89,3 +96,20 @@ def errors_the_checkers_must_report() -> None:
     coroutine.close()
     process_locked(on_contention="skp")  # type: ignore[call-overload]  # pyright: ignore[reportCallIssue, reportArgumentType]
     assert x + y
+
+
+@process_limited("gpu", limit=2, blocking=False, on_contention="skip")
+def maybe_infer() -> int:
+    return 1
+
+
+@process_limited("gpu", limit=2, timeout=5)
+def infer() -> int:
+    return 1
+
+
+def semaphore_checks() -> None:
+    assert_type(maybe_infer(), "int | None")
+    assert_type(infer(), int)
+    z: int = maybe_infer()  # type: ignore[assignment]  # pyright: ignore[reportAssignmentType]
+    assert z
