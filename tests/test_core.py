@@ -157,3 +157,30 @@ def test_idle_descriptions_are_bounded_per_file(lock_dir):
     assert during == 10
     # Once they are idle, at most IDLE_PER_FILE of them are kept open.
     assert fd_targets().count(path) == flock_backend.IDLE_PER_FILE
+
+
+def test_a_grant_the_helper_has_not_reported_yet_is_seen_in_the_kernel(tmp_path):
+    """The LOCK_NB retry after an own abandoned grant: flock(2) returned in the helper, which
+    has not run since (seen as a rare busy on a loaded machine); /proc/self/fdinfo shows it."""
+    import types
+
+    from children import blocked_in_kernel
+    from proclock.backends import flock as flock_backend
+
+    path = tmp_path / "f"
+    first = os.open(path, os.O_RDWR | os.O_CREAT)
+    second = os.open(path, os.O_RDWR)
+    waiting = types.SimpleNamespace(private=types.SimpleNamespace(fd=second))
+    try:
+        fcntl.flock(first, fcntl.LOCK_EX)
+        blocked = threading.Thread(target=fcntl.flock, args=(second, fcntl.LOCK_EX))
+        blocked.start()
+        assert wait_until(lambda: blocked_in_kernel(str(path)))
+        assert not flock_backend._holds_in_kernel(waiting)  # a blocked request holds nothing
+        fcntl.flock(first, fcntl.LOCK_UN)
+        blocked.join(30)
+        assert flock_backend._holds_in_kernel(waiting)  # granted, whoever has said so
+        assert not flock_backend._holds_in_kernel(types.SimpleNamespace(private=None))
+    finally:
+        os.close(first)
+        os.close(second)
