@@ -29,6 +29,10 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Self
 
 __all__ = ["Bouncer", "Cluster", "Unavailable", "free_port"]
 
@@ -148,7 +152,7 @@ class Cluster:
             self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> Cluster:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -228,7 +232,7 @@ class Bouncer:
                 time.sleep(0.02)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> Bouncer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
