@@ -12,15 +12,35 @@ What this module guarantees:
   application's `ROLLBACK` or reconnect cannot drop a lock it does not know it holds. The
   server queues the waiters (`pg_advisory_lock` blocks in the server; nothing polls) and
   enforces the deadline (`lock_timeout`, set for the one statement).
+- Deadlines everywhere: every round trip (connecting, the lock statement, the heartbeat, the
+  unlock) has a client-side deadline, counted on the monotonic clock and enforced by polling the
+  socket ourselves (libpq through `psycopg.pq`), so a server that accepts but never answers, or
+  a connection blackholed by the network, costs at most that deadline; the connection is then
+  closed, and the server frees whatever its session held.
+- The holder learns first. Each session asks the server for short TCP keepalives
+  (`tcp_keepalives_idle/interval/count`, `tcp_user_timeout`): a partitioned session is ended,
+  and its lock freed, `SERVER_BOUND` seconds after the server last heard from it, never sooner.
+  A hold is valid on the holder's monotonic clock until `LEASE` seconds (`SERVER_BOUND` minus a
+  margin) after the last round trip that reached the server was *sent*; the heartbeat renews
+  that, and declares the hold lost (`_core.report_lost`) once it runs out: before the server can
+  give the lock to anyone else. A server crash or restart frees every lock at once, with no
+  warning to anyone: fencing tokens are what protect a store then.
+- Poolers are refused, never shared. Each connection marks its server session at connect
+  (`proclock.session`, a random value set with `set_config(..., false)`; a session that
+  carries another connection's mark is refused there), and the lock statement, the heartbeat
+  and the unlock compare the mark in the same statement: under a transaction- or
+  statement-mode pooler (PgBouncer) a statement that lands on another client's session takes
+  nothing and is refused with `ProcLockError`. A hold whose own session can no longer be
+  reached is ended at its release with `pg_terminate_backend` (pid and start time checked),
+  so a pooler never strands it.
+- Fencing tokens come from a sequence (`proclock_fencing_seq`), drawn in the very statement
+  that takes the lock, after the grant: strictly increasing for every lock name, across
+  processes, hosts and server restarts (a sequence logs ahead of the values it hands out, and
+  each such log record is flushed before its statement's answer: `synchronous_commit=on`).
 - An idle connection holds no advisory lock. Only `pool_size` of them are kept for reuse; any
   number can be in use. Whatever goes wrong once the lock statement was sent (Ctrl-C, a
-  cancelled task, an error after the grant), the connection is closed, and the server frees
-  everything its session held or awaited: nothing is left held with no owner.
-- The fencing token is bumped, and committed durably, in the very statement that takes the lock.
-- A session lost while held (`pg_terminate_backend`, a server restart, the network) or a changed
-  `pg_backend_pid()` (a transaction-mode pooler) is seen by the heartbeat thread and reported
-  to the core (`_core.report_lost`); an unlock is only ever run on the session that took the
-  lock.
+  cancelled task, an error after the grant, a deadline), the connection is closed, and the
+  server frees everything its session held or awaited: nothing is left held with no owner.
 - A forked child forgets its parent's connections without ending their sessions (which would
   free the parent's locks); it never sends a byte on them.
 
@@ -42,6 +62,8 @@ import contextlib
 import hashlib
 import math
 import os
+import secrets
+import select
 import sys
 import threading
 import time
@@ -50,6 +72,7 @@ import weakref
 import psycopg
 from psycopg import conninfo as _conninfo
 from psycopg import errors as _pgerr
+from psycopg import pq
 from psycopg.pq import TransactionStatus
 
 from .. import _core, _holder
@@ -59,18 +82,34 @@ from ._base import FENCING, FREED_ON_EXIT, LOSS, SHARED, WAIT_ANY, Handle
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
     from typing import Any
 
     from .._holder import Holder
     from .._spec import LockSpec
 
-__all__ = ["PostgresBackend", "advisory_key"]
+__all__ = ["LEASE", "SERVER_BOUND", "PostgresBackend", "advisory_key"]
 
 _APP_NAME_MAX = 63  # NAMEDATALEN - 1: the server truncates application_name there
+_TIME_ROOM = 15  # ":" and the acquisition time, "1796313474.12", appended when a lock is taken
 _CANCEL_GIVE_UP = 10.0  # seconds an abandoned async wait keeps cancelling its query
 _PLACES_MAX = 1024  # names whose key and location are remembered, per backend
 _clock = time.monotonic
+
+# The server's keepalives on each of our sessions: after KEEPALIVE_IDLE seconds without a byte
+# from us it probes every KEEPALIVE_INTERVAL seconds, and tcp_user_timeout ends the connection
+# SERVER_BOUND seconds after the last byte it received (probes unanswered, or data unacked).
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 2, 1, 3
+SERVER_BOUND = float(KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT)  # 5 s
+# How long a hold stays valid on the holder's clock after its last round trip that reached the
+# server was sent: the margin absorbs the heartbeat thread's scheduling and timer slack.
+LEASE = SERVER_BOUND - 1.5  # 3.5 s
+HEARTBEAT_MAX = LEASE / 2  # at least two heartbeats per lease
+# A wait that the server ends (lock_timeout) answers at once: the answer is awaited this long
+# past the deadline before the connection is taken for dead.
+GRACE = 0.5
+# A timed wait connects by its own deadline, but never in less than this.
+CONNECT_FLOOR = 0.5
 
 _CREATE_TABLE = """
 CREATE TABLE IF NOT EXISTS proclock_fencing (
@@ -81,66 +120,150 @@ CREATE TABLE IF NOT EXISTS proclock_fencing (
     acquired_at timestamptz,
     PRIMARY KEY (namespace, name)
 )"""
+_CREATE_SEQUENCE = "CREATE SEQUENCE IF NOT EXISTS proclock_fencing_seq"
 
-# The fencing counter is bumped in the very statement that takes the lock (one round trip):
-# the INSERT reads the lock's CTE `l`, so it runs only once the lock is granted, and ON
-# CONFLICT DO UPDATE bumps the latest committed row even though the statement's snapshot
-# predates the wait. clock_timestamp(), not now(): now() is when the statement (the wait) began.
-_BUMP = """
-INSERT INTO proclock_fencing AS f (namespace, name, token, holder_pid, acquired_at)
-SELECT %(ns)s, %(name)s, 1, pg_backend_pid(), clock_timestamp() FROM l {where}
-ON CONFLICT (namespace, name) DO UPDATE
-    SET token = f.token + 1, holder_pid = excluded.holder_pid, acquired_at = excluded.acquired_at
-RETURNING f.token, pg_backend_pid()"""
-# set_config(..., true) lasts for this statement's transaction only: nothing to RESET after,
-# and it overrides what the server or role may have set. synchronous_commit=on: a token must
-# survive a server crash, or a new holder could be handed a token already used.
-_TRY_LOCK = (
-    "WITH l AS (SELECT {function}(%(key)s) AS ok, set_config('synchronous_commit', 'on', true))"
+# Sent once per connection: mark the session as ours unless another connection marked it (a
+# pooler handed us its session), ask for short keepalives, note the session's start time
+# (what pg_terminate_backend checks, so that a reused pid is never hit).
+_HELLO = (
+    "SELECT pg_backend_pid(),"  # noqa: S608  (constants only; the mark is a parameter)
+    " set_config('proclock.session', CASE WHEN coalesce("
+    "current_setting('proclock.session', true), '') = '' THEN $1"
+    " ELSE current_setting('proclock.session', true) END, false),"
+    " (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())::text,"
+    f" set_config('tcp_keepalives_idle', '{KEEPALIVE_IDLE}', false),"
+    f" set_config('tcp_keepalives_interval', '{KEEPALIVE_INTERVAL}', false),"
+    f" set_config('tcp_keepalives_count', '{KEEPALIVE_COUNT}', false),"
+    f" set_config('tcp_user_timeout', '{int(SERVER_BOUND * 1000)}', false)"
 )
-_WAIT_LOCK = (
-    "WITH t AS (SELECT set_config('lock_timeout', %(ms)s, true),"
-    " set_config('statement_timeout', '0', true),"
-    " set_config('synchronous_commit', 'on', true)),"
-    " l AS (SELECT {function}(%(key)s) FROM t)"
+# PostgreSQL 14+: idle_session_timeout would end a session that idly holds a lock; the check
+# interval lets the server drop a waiter whose client went away mid-wait.
+_HELLO_14 = (
+    _HELLO + ", set_config('idle_session_timeout', '0', false),"
+    " set_config('client_connection_check_interval', '1000', false)"
 )
-# Indexed by shared (False, True).
-_TRY = (
-    _TRY_LOCK.format(function="pg_try_advisory_lock") + _BUMP.format(where="WHERE l.ok"),
-    _TRY_LOCK.format(function="pg_try_advisory_lock_shared") + _BUMP.format(where="WHERE l.ok"),
+
+# The lock statements: one CASE whose branches run in order, each only if the previous ones
+# passed. NULL: the statement ran on another connection's session (a pooler); 0: busy (try);
+# else the fencing token, drawn after the grant. set_config(..., true) lasts for this
+# statement's transaction only. synchronous_commit=on: the sequence's log-ahead record is
+# flushed before the answer, so a token survives a server crash.
+_MINE = "current_setting('proclock.session', true) IS DISTINCT FROM $1 THEN NULL"
+_STAMP = (
+    "set_config('application_name', $3 || ':' ||"
+    " round(extract(epoch FROM clock_timestamp())::numeric, 2)::text, false) IS NULL THEN NULL"
 )
-_WAIT = (
-    _WAIT_LOCK.format(function="pg_advisory_lock") + _BUMP.format(where=""),
-    _WAIT_LOCK.format(function="pg_advisory_lock_shared") + _BUMP.format(where=""),
+_SYNC = "set_config('synchronous_commit', 'on', true) IS NULL THEN NULL"
+_TOKEN = "nextval('proclock_fencing_seq')"  # noqa: S105  (a fencing token, no secret)
+_TRY = tuple(
+    f"SELECT CASE WHEN {_MINE} WHEN NOT {function}($2) THEN 0 WHEN {_SYNC} WHEN {_STAMP}"
+    f" ELSE {_TOKEN} END"
+    for function in ("pg_try_advisory_lock", "pg_try_advisory_lock_shared")
 )
-# Unlock only on the session that took the lock: behind a transaction-mode pooler the next
-# statement may run on another client's session, whose lock of the same key we must not drop.
-_UNLOCK = (
-    "SELECT CASE WHEN pg_backend_pid() = %s THEN pg_advisory_unlock(%s) END",
-    "SELECT CASE WHEN pg_backend_pid() = %s THEN pg_advisory_unlock_shared(%s) END",
+_WAIT = tuple(
+    f"SELECT CASE WHEN {_MINE}"
+    " WHEN set_config('lock_timeout', $4, true) IS NULL THEN NULL"
+    " WHEN set_config('statement_timeout', '0', true) IS NULL THEN NULL"
+    f" WHEN {function}($2)::text IS NULL THEN NULL WHEN {_SYNC} WHEN {_STAMP}"
+    f" ELSE {_TOKEN} END"
+    for function in ("pg_advisory_lock", "pg_advisory_lock_shared")
+)
+# Unlock only on the session that took the lock: behind a pooler the statement may run on
+# another client's session, whose lock of the same key we must not drop (NULL then).
+_UNLOCK = tuple(
+    f"SELECT CASE WHEN {_MINE} ELSE {function}($2) END"
+    for function in ("pg_advisory_unlock", "pg_advisory_unlock_shared")
+)
+_BEAT = "SELECT current_setting('proclock.session', true) IS NOT DISTINCT FROM $1"
+# A hold's session that a pooler put out of our reach: ended, so that its lock is freed. The
+# start time makes sure the pid still names that session.
+_TERMINATE = (
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+    " WHERE pid = $1::int AND backend_start::text = $2"
 )
 # A semaphore's limit, recorded once (the CTE's INSERT and the SELECT see one snapshot, so
 # the row another session inserted first is read by the UNION's second branch).
 _RECORD_LIMIT = """
 WITH ins AS (
-    INSERT INTO proclock_fencing (namespace, name, token) VALUES (%(ns)s, %(name)s, %(limit)s)
+    INSERT INTO proclock_fencing (namespace, name, token) VALUES ($1, $2, $3::bigint)
     ON CONFLICT (namespace, name) DO NOTHING RETURNING token
 )
 SELECT token FROM ins
 UNION ALL
-SELECT token FROM proclock_fencing WHERE namespace = %(ns)s AND name = %(name)s
+SELECT token FROM proclock_fencing WHERE namespace = $1 AND name = $2
 LIMIT 1"""
 _HOLDERS = """
-SELECT a.application_name, host(a.client_addr), l.pid, l.mode,
-       extract(epoch FROM f.acquired_at)::float8
+SELECT a.application_name, host(a.client_addr), l.pid, l.mode
 FROM pg_locks l
 LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-LEFT JOIN proclock_fencing f
-    ON f.namespace = %(ns)s AND f.name = %(name)s AND f.holder_pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.classid = %(classid)s::bigint::oid AND l.objid = %(objid)s::bigint::oid
+  AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid
 ORDER BY l.mode DESC, l.pid"""
+
+
+class _NoAnswer(psycopg.OperationalError):
+    """The server did not answer before the deadline (the connection is then closed)."""
+
+
+def _wait_socket(fd: int, events: int, deadline: float | None, what: str) -> None:
+    """Wait until `fd` is ready for `events` (select.POLLIN/POLLOUT), or raise _NoAnswer."""
+    poller = select.poll()
+    poller.register(fd, events | select.POLLERR | select.POLLHUP)
+    while True:
+        if deadline is None:
+            ready = poller.poll()
+        else:
+            left = deadline - _clock()
+            if left <= 0:
+                msg = f"no answer from the server {what}"
+                raise _NoAnswer(msg)
+            ready = poller.poll(max(1, math.ceil(left * 1000)))
+        if ready:
+            return
+
+
+def _query(
+    conn: psycopg.Connection[Any],
+    sql: str,
+    params: Sequence[str | None],
+    deadline: float | None,
+    what: str = "in time",
+) -> list[tuple[bytes | None, ...]]:
+    """Run one statement (unnamed, text parameters) and return its rows, by `deadline`.
+
+    libpq through psycopg.pq, polling the socket ourselves: psycopg's `execute` has no
+    client-side deadline, and this is also the hot path's leanest way. Raises the psycopg
+    error the server sent, or _NoAnswer (an OperationalError) past the deadline.
+    """
+    pgconn = conn.pgconn
+    pgconn.send_query_params(sql.encode(), [p.encode() if p is not None else None for p in params])
+    fd = pgconn.socket
+    while pgconn.flush():
+        _wait_socket(fd, select.POLLOUT, deadline, what)
+    first_error = None
+    rows: list[tuple[bytes | None, ...]] = []
+    while True:
+        while pgconn.is_busy():
+            _wait_socket(fd, select.POLLIN, deadline, what)
+            pgconn.consume_input()
+        res = pgconn.get_result()
+        if res is None:
+            break
+        if res.status == pq.ExecStatus.FATAL_ERROR:
+            if first_error is None:
+                first_error = _pgerr.error_from_result(res, encoding="utf-8")
+        elif res.status == pq.ExecStatus.TUPLES_OK:
+            rows = [
+                tuple(res.get_value(r, c) for c in range(res.nfields)) for r in range(res.ntuples)
+            ]
+    if first_error is not None:
+        raise first_error
+    return rows
+
+
+def _int(value: bytes | None) -> int | None:
+    return int(value) if value is not None else None
 
 
 def advisory_key(namespace: str, name: str) -> int:
@@ -176,31 +299,45 @@ def _ascii(text: str) -> str:
 
 
 def application_name() -> str:
-    """`proclock:<host>:<pid>:<program>`, at most 63 bytes, the pid always whole."""
+    """`proclock:<host>:<pid>:<program>`, with room left for `:<acquisition time>`.
+
+    At most 63 bytes with the time, the pid always whole; the lock statement appends the time
+    at which the server granted the lock (what `holder()` reports as `acquired_at`).
+    """
     pid = str(os.getpid())
     host = _ascii(os.uname().nodename)
-    room = _APP_NAME_MAX - len(f"proclock::{pid}:")
+    limit = _APP_NAME_MAX - _TIME_ROOM
+    room = limit - len(f"proclock::{pid}:")
     host = host[: max(room - 1, 0)]
     head = f"proclock:{host}:{pid}:"
-    return head + _ascii(_program())[: _APP_NAME_MAX - len(head)]
+    return head + _ascii(_program())[: max(limit - len(head), 0)]
 
 
-def _parse_application_name(value: str | None) -> tuple[int | None, str | None, str | None]:
+def _parse_application_name(
+    value: str | None,
+) -> tuple[int | None, str | None, str | None, float | None]:
+    """(pid, host, program, acquired_at) from `proclock:<host>:<pid>:<program>[:<time>]`."""
     if not value or not value.startswith("proclock:"):
-        return None, None, None
-    parts = value.split(":", 3)
-    if len(parts) != 4 or not parts[2].isdigit():  # noqa: PLR2004
-        return None, None, None
-    return int(parts[2]), parts[1] or None, parts[3] or None
+        return None, None, None, None
+    parts = value.split(":")
+    if len(parts) not in {4, 5} or not parts[2].isdigit():
+        return None, None, None, None
+    at = None
+    if len(parts) == 5:  # noqa: PLR2004
+        with contextlib.suppress(ValueError):
+            at = float(parts[4])
+    return int(parts[2]), parts[1] or None, parts[3] or None, at
 
 
 class _Link:
-    """One connection of ours, with the server session pid it had when opened."""
+    """One connection of ours: its server session's pid, start time and our mark on it."""
 
-    __slots__ = ("conn", "generation", "pid", "reused")
+    __slots__ = ("app", "conn", "generation", "mark", "pid", "reused", "started")
 
-    def __init__(self, conn: psycopg.Connection[Any], pid: int) -> None:
-        self.conn, self.pid = conn, pid
+    def __init__(
+        self, conn: psycopg.Connection[Any], pid: int, mark: str, started: str, app: str
+    ) -> None:
+        self.conn, self.pid, self.mark, self.started, self.app = conn, pid, mark, started, app
         self.reused = False
         self.generation = _core.generation  # another one in a forked child: the parent's
 
@@ -208,12 +345,18 @@ class _Link:
 class _Hold:
     """The state of one hold in this backend (`Handle.private`): its session, what it took."""
 
-    __slots__ = ("busy", "key", "link", "lost", "pid", "released", "shared")
+    __slots__ = (
+        "busy", "key", "link", "lost", "pid", "released", "shared", "stranded", "valid_until",
+    )  # fmt: skip
 
-    def __init__(self, link: _Link, key: int, pid: int, *, shared: bool) -> None:
-        self.link, self.key, self.pid, self.shared = link, key, pid, shared
+    def __init__(self, link: _Link, key: int, *, shared: bool, valid_until: float) -> None:
+        self.link, self.key, self.pid, self.shared = link, key, link.pid, shared
         self.released = False
         self.lost: str | None = None  # why the heartbeat found the session gone
+        # A pooler put the hold's own session out of reach: ended at release (pid, start).
+        self.stranded = False
+        # Monotonic time until which the server cannot have freed the lock (see LEASE).
+        self.valid_until = valid_until
         # Serialises the release with the heartbeat's query on this connection. Reentrant: a
         # signal handler that interrupts this release may finish it (it finds `released`).
         self.busy = threading.RLock()
@@ -251,8 +394,12 @@ class PostgresBackend:
             database use separate namespaces.
         pool_size: idle connections kept for reuse (each held or waiting lock uses its own).
         heartbeat: seconds between checks of each held lock's connection (a lost session is
-            reported through `on_lost` and `LockLostError`); None turns the checks off.
-        connect_timeout: seconds to wait for the server when connecting (unless the URL says).
+            reported through `on_lost` and `LockLostError`), at most `HEARTBEAT_MAX` (1.75 s:
+            two per `LEASE`); None turns the checks off, and with them the holder's knowing
+            first that a partition cost it the lock.
+        connect_timeout: the deadline of each round trip that does not wait for a lock:
+            connecting, a non-blocking attempt, the heartbeat's (within its lease), an unlock.
+            A timed acquisition's connecting also ends by its own deadline (at least 0.5 s).
 
     Nothing connects until the first acquisition.
     """
@@ -269,7 +416,7 @@ class PostgresBackend:
         namespace: str = "proclock",
         pool_size: int = 4,
         heartbeat: float | None = 1.0,
-        connect_timeout: float = 5.0,
+        connect_timeout: float = 2.0,
     ) -> None:
         if not isinstance(url, str):
             msg = f"PostgresBackend needs a URL or conninfo string, not {url!r}"
@@ -283,15 +430,19 @@ class PostgresBackend:
         if heartbeat is not None and (
             isinstance(heartbeat, bool)
             or not isinstance(heartbeat, (int, float))
-            or not heartbeat > 0
-            or math.isinf(heartbeat)
+            or not 0 < heartbeat <= HEARTBEAT_MAX
         ):
-            msg = f"heartbeat must be a positive number of seconds or None, not {heartbeat!r}"
+            msg = (
+                f"heartbeat must be a number of seconds in (0, {HEARTBEAT_MAX}] (two per lease "
+                f"of {LEASE} s, so that a holder cut off knows before the server frees its "
+                f"lock) or None, not {heartbeat!r}"
+            )
             raise ValueError(msg)
         if (
             isinstance(connect_timeout, bool)
             or not isinstance(connect_timeout, (int, float))
             or not connect_timeout > 0
+            or math.isinf(connect_timeout)
         ):
             msg = f"connect_timeout must be a positive number of seconds, not {connect_timeout!r}"
             raise ValueError(msg)
@@ -305,11 +456,16 @@ class PostgresBackend:
         self._pool_size = pool_size
         self._heartbeat = float(heartbeat) if heartbeat is not None else None
         self._display = _display(params)
+        self._connect_timeout = float(connect_timeout)
+        if "connect_timeout" in params:  # the URL's says: our deadline follows it
+            with contextlib.suppress(ValueError):
+                value = float(str(params["connect_timeout"]))
+                if value > 0:
+                    self._connect_timeout = value
         extra: dict[str, Any] = {}
-        if "connect_timeout" not in params:
-            extra["connect_timeout"] = str(max(1, math.ceil(connect_timeout)))
         # A lock held over TCP must notice a dead peer: keepalives, and a bound on how long
-        # sent data may stay unacknowledged (the heartbeat's query) before the socket fails.
+        # sent data may stay unacknowledged before the socket fails (a wait with no timeout
+        # has no other deadline).
         defaults = {
             "keepalives": "1",
             "keepalives_idle": "5",
@@ -356,36 +512,62 @@ class PostgresBackend:
 
     # -- connections -------------------------------------------------------------------------
 
-    def _connect(self) -> _Link:
+    def _open(self, deadline: float, app: str) -> psycopg.Connection[Any]:
+        """Connect by `deadline` (libpq's own connect_timeout is whole seconds, at least 2)."""
+        info = _conninfo.make_conninfo(self._url, application_name=app, **self._extra)
+        pgconn = pq.PGconn.connect_start(info.encode())
         try:
-            conn = psycopg.connect(
-                self._url, autocommit=True, application_name=application_name(), **self._extra
-            )
+            status: int = pq.PollingStatus.WRITING  # libpq: as if connect_poll said WRITING
+            if pgconn.status == pq.ConnStatus.BAD:
+                status = pq.PollingStatus.FAILED
+            while status != pq.PollingStatus.OK:
+                if status == pq.PollingStatus.FAILED:
+                    raise psycopg.OperationalError(pgconn.get_error_message())  # noqa: TRY301
+                events = select.POLLIN if status == pq.PollingStatus.READING else select.POLLOUT
+                _wait_socket(pgconn.socket, events, deadline, "while connecting")
+                status = pgconn.connect_poll()
+            pgconn.nonblocking = 1
+        except BaseException:
+            pgconn.finish()
+            raise
+        conn: psycopg.Connection[Any] = psycopg.Connection(pgconn)
+        conn.autocommit = True
+        conn.prepare_threshold = None  # no named statements: a pooler would mix them up
+        return conn
+
+    def _connect(self, deadline: float | None = None) -> _Link:
+        """A new connection, its session marked as ours, by `deadline` (or connect_timeout)."""
+        limit = _clock() + self._connect_timeout
+        deadline = limit if deadline is None else min(limit, deadline)
+        mark, app = secrets.token_hex(8), application_name()
+        try:
+            conn = self._open(deadline, app)
         except psycopg.Error as exc:
             raise BackendUnavailableError(self._display, _reason(exc)) from exc
         try:
-            if conn.info.server_version >= 140000:  # noqa: PLR2004
-                # idle_session_timeout would end a session that idly holds a lock; the check
-                # interval lets the server drop a waiter whose client died mid-wait.
-                sql = (
-                    "SELECT pg_backend_pid(), set_config('idle_session_timeout', '0', false),"
-                    " set_config('client_connection_check_interval', '1000', false)"
-                )
-            else:
-                sql = "SELECT pg_backend_pid()"
-            row = conn.execute(sql).fetchone()
+            sql = _HELLO_14 if conn.info.server_version >= 140000 else _HELLO  # noqa: PLR2004
+            ((pid, got, started, *_),) = _query(conn, sql, (mark,), deadline, "while connecting")
         except BaseException as exc:
             conn.close()
             if isinstance(exc, psycopg.Error):
                 raise BackendUnavailableError(self._display, _reason(exc)) from exc
             raise
-        assert row is not None  # noqa: S101
-        link = _Link(conn, int(row[0]))
+        if got is None or got.decode() != mark or pid is None:
+            conn.close()
+            msg = (
+                f"{self._display}: the server session proclock was handed is already another "
+                "proclock connection's: a pooler in transaction or statement mode (PgBouncer "
+                "pool_mode=transaction) shares server sessions between clients, and session "
+                "advisory locks cannot work through it; connect to PostgreSQL directly or "
+                "through a session-mode pooler"
+            )
+            raise ProcLockError(msg)
+        link = _Link(conn, int(pid), mark, (started or b"").decode(), app)
         with _mutex:
             self._links.add(link)
         return link
 
-    def _borrow(self) -> _Link:
+    def _borrow(self, deadline: float | None = None) -> _Link:
         """An idle connection of ours (most recently used first), else a new one."""
         dead = []
         with _mutex:
@@ -400,7 +582,7 @@ class PostgresBackend:
                 dead.append(link)
         for link in dead:
             link.conn.close()
-        return found if found is not None else self._connect()
+        return found if found is not None else self._connect(deadline)
 
     def _recycle(self, link: _Link) -> None:
         """Keep an idle connection (holding no advisory lock) for reuse, or close it."""
@@ -420,14 +602,18 @@ class PostgresBackend:
             self._links.discard(link)
         conn.close()
 
-    def _discard(self, link: _Link) -> None:
-        """Close a connection: the server then frees every lock its session held or awaited."""
+    def _discard(self, link: _Link, *, cancel: bool = True) -> None:
+        """Close a connection: the server then frees every lock its session held or awaited.
+
+        `cancel=False` for a connection that stopped answering: a cancel request (a new
+        connection) would only wait for the same silent network.
+        """
         with _mutex:
             if link.generation != _core.generation:
                 return
             self._links.discard(link)
         conn = link.conn
-        if not conn.closed and conn.info.transaction_status == TransactionStatus.ACTIVE:
+        if cancel and not conn.closed and conn.info.transaction_status == TransactionStatus.ACTIVE:
             # A query still runs (an abandoned wait): cancel it so that the server leaves the
             # queue now rather than when it next writes to the closed socket.
             with contextlib.suppress(Exception):  # best effort: the close below frees all
@@ -443,23 +629,35 @@ class PostgresBackend:
         for link in idle:
             link.conn.close()
 
-    def _ensure_table(self, link: _Link) -> None:
-        """Create the fencing table on first use, where it does not exist yet."""
+    def _ensure_table(self, link: _Link, deadline: float | None = None) -> None:
+        """Create the fencing sequence and table on first use, where they do not exist yet."""
         if self._table_ready:
             return
+        if deadline is None:
+            deadline = _clock() + self._connect_timeout
         # Look first: CREATE ... IF NOT EXISTS needs the CREATE privilege on the schema even
-        # when the table exists, and since PostgreSQL 15 ordinary roles lack it on `public`.
-        row = link.conn.execute("SELECT to_regclass('proclock_fencing') IS NOT NULL").fetchone()
-        if not (row and row[0]):
+        # when they exist, and since PostgreSQL 15 ordinary roles lack it on `public`.
+        ((seq, table),) = _query(
+            link.conn,
+            "SELECT to_regclass('proclock_fencing_seq') IS NOT NULL,"
+            " to_regclass('proclock_fencing') IS NOT NULL",
+            (),
+            deadline,
+        )
+        for exists, create in ((seq, _CREATE_SEQUENCE), (table, _CREATE_TABLE)):
+            if exists == b"t":
+                continue
             try:
-                link.conn.execute(_CREATE_TABLE)
-            except (_pgerr.UniqueViolation, _pgerr.DuplicateTable):
+                _query(link.conn, create, (), deadline)
+            except (_pgerr.UniqueViolation, _pgerr.DuplicateTable, _pgerr.DuplicateObject):
                 pass  # created by another process at the same moment (IF NOT EXISTS races)
             except _pgerr.InsufficientPrivilege as exc:
                 msg = (
-                    f"proclock keeps its fencing tokens in a table proclock_fencing, which this "
-                    f"role may not create ({_reason(exc)}); create it once as its owner:"
-                    f"{_CREATE_TABLE}; and GRANT SELECT, INSERT, UPDATE ON proclock_fencing to "
+                    "proclock draws its fencing tokens from a sequence proclock_fencing_seq and "
+                    "records semaphore limits in a table proclock_fencing, which this role may "
+                    f"not create ({_reason(exc)}); create them once as their owner: "
+                    f"{_CREATE_SEQUENCE}; {_CREATE_TABLE}; and GRANT USAGE ON SEQUENCE "
+                    "proclock_fencing_seq, GRANT SELECT, INSERT, UPDATE ON proclock_fencing to "
                     "the role that takes the locks"
                 )
                 raise ProcLockError(msg) from exc
@@ -564,8 +762,13 @@ class PostgresBackend:
     ) -> Handle | None:
         """The try or wait statement on a connection of its own: a handle, or None."""
         key, location = self._place(spec.name)
+        # A timed wait connects by its own deadline (given at least CONNECT_FLOOR s, so that a
+        # short timeout does not fail a healthy server's connect), else by connect_timeout.
+        connect_by = None
+        if wait and deadline is not None:
+            connect_by = max(deadline, _clock() + CONNECT_FLOOR)
         for attempt in range(2):
-            link = self._borrow()
+            link = self._borrow(connect_by)
             if state is not None:
                 with state.mutex:
                     if state.abandoned:
@@ -580,7 +783,8 @@ class PostgresBackend:
                 if isinstance(exc, _pgerr.UndefinedTable) and attempt == 0:
                     self._table_ready = False  # dropped since we created it
                     continue
-                if isinstance(exc, psycopg.OperationalError) and link.reused and attempt == 0:
+                retry = isinstance(exc, psycopg.OperationalError) and not isinstance(exc, _NoAnswer)
+                if retry and link.reused and attempt == 0:
                     continue  # an idle connection the server closed meanwhile: a fresh one
                 raise self._failed(spec, exc) from exc
         raise AssertionError  # pragma: no cover  (the loop returns or raises)
@@ -598,42 +802,51 @@ class PostgresBackend:
     ) -> Handle | None:
         """One lock statement on `link`: a handle, or None; on any error the session is closed."""
         shared = spec.shared
-        params: dict[str, Any] = {"key": key, "ns": self._namespace, "name": spec.name}
-        handle = None
+        params = [link.mark, str(key), link.app]
         try:
             self._ensure_table(link)
-            sql = _TRY[shared]
-            if wait:
-                remaining = None if deadline is None else deadline - _clock()
-                if remaining is None:
-                    params["ms"] = "0"  # no lock_timeout: wait forever
-                    sql = _WAIT[shared]
-                elif remaining > 0:
-                    params["ms"] = str(max(1, math.ceil(remaining * 1000)))
-                    sql = _WAIT[shared]
-            row = link.conn.execute(sql, params).fetchone()
-            if row is None:  # pg_try_advisory_lock said no: this session holds nothing
-                self._give_back(link, state)
-                return None
-            handle = self._granted(link, spec, key, location, row)
+            sent = _clock()
+            remaining = None if deadline is None else deadline - sent
+            answer_by: float | None
+            if not wait or (remaining is not None and remaining <= 0):
+                sql, answer_by, waited = _TRY[shared], sent + self._connect_timeout, False
+            else:
+                # lock_timeout 0: wait forever (the keepalives still end a dead connection).
+                params.append(
+                    "0" if remaining is None else str(max(1, math.ceil(remaining * 1000)))
+                )
+                sql, waited = _WAIT[shared], True
+                answer_by = None if deadline is None else deadline + GRACE
+            ((got,),) = _query(link.conn, sql, params, answer_by, "to the lock statement")
         except _pgerr.LockNotAvailable:
-            # lock_timeout: the advisory wait (or, in theory, the counter row's) ran out.
-            # The connection holds one lock at most, so unlock_all cannot touch another.
-            try:
-                link.conn.execute("SELECT pg_advisory_unlock_all()")
-            except BaseException:
-                self._discard(link)
-                raise
+            # lock_timeout: the wait ran out; the statement took nothing.
             self._give_back(link, state)
             return None
-        except BaseException:
-            # Whatever happened (Ctrl-C, a cancel, an error after the lock was granted),
-            # closing the session frees anything it holds: nothing is left behind.
-            if handle is not None:
-                self._drop(handle)
-            else:
-                self._discard(link)
+        except BaseException as exc:
+            # Whatever happened (Ctrl-C, a cancel, a deadline), closing the session frees
+            # anything it holds or awaits: nothing is left behind.
+            self._discard(link, cancel=not isinstance(exc, _NoAnswer))
             raise
+        if got is None:
+            self._discard(link)
+            msg = (
+                f"{spec.label!r} ({location}): the lock statement ran on another connection's "
+                "server session: a pooler in transaction or statement mode (PgBouncer "
+                "pool_mode=transaction) shares server sessions between clients, and session "
+                "advisory locks cannot work through it (nothing was taken); connect to "
+                "PostgreSQL directly or through a session-mode pooler"
+            )
+            raise ProcLockError(msg)
+        token = int(got)
+        if token == 0:  # pg_try_advisory_lock said no: this session holds nothing
+            self._give_back(link, state)
+            return None
+        # The server last heard from us when the statement arrived, or, after a wait, at most
+        # KEEPALIVE_IDLE s before it answered (its keepalive probes were answered meanwhile).
+        heard = max(sent, _clock() - KEEPALIVE_IDLE) if waited else sent
+        hold = _Hold(link, key, shared=shared, valid_until=heard + LEASE)
+        handle = Handle(location, fencing_token=token, shared=shared, private=hold)
+        self._watch(handle)
         return handle
 
     def _give_back(self, link: _Link, state: _Wait | None) -> None:
@@ -647,33 +860,15 @@ class PostgresBackend:
                 return
         self._recycle(link)
 
-    def _granted(self, link: _Link, spec: LockSpec, key: int, location: str, row: Any) -> Handle:
-        """The handle of the lock the statement returned `row` for, watched by the heartbeat."""
-        token, pid = int(row[0]), int(row[1])
-        if pid != link.pid:
-            # The statement ran on another server session than the one we connected to: a
-            # transaction-mode pooler, which hands sessions (and their locks) to other clients.
-            msg = (
-                f"{spec.label!r} ({location}): the server session changed from pid {link.pid} "
-                f"to {pid} between two statements: a transaction-mode pooler (PgBouncer "
-                "pool_mode=transaction) is in the way, and session advisory locks cannot work "
-                "through it; connect to PostgreSQL directly or in session mode. The lock may "
-                f"stay held by server pid {pid} until that session ends"
-            )
-            raise ProcLockError(msg)
-        hold = _Hold(link, key, pid, shared=spec.shared)
-        handle = Handle(location, fencing_token=token, shared=spec.shared, private=hold)
-        self._watch(handle)
-        return handle
-
     # -- release -----------------------------------------------------------------------------
 
     def release(self, handle: Handle) -> None:
         """Unlock on the hold's own session and pool the connection. Idempotent.
 
-        Nothing is touched in a forked child (the session is the parent's). A hold found lost
-        here (its session gone or changed, the lock no longer held) is reported to the core,
-        which raises LockLostError; the connection is then closed.
+        Bounded: the unlock has `connect_timeout` to be answered (after a heartbeat query in
+        flight on that connection, itself bounded by the hold's lease); unconfirmed, the hold
+        is reported lost to the core, which raises LockLostError, and the connection is
+        closed. Nothing is touched in a forked child (the session is the parent's).
         """
         hold: _Hold = handle.private
         if hold.link.generation != _core.generation:
@@ -687,8 +882,8 @@ class PostgresBackend:
             lost = hold.lost
             if lost is None:
                 lost = self._unlock(hold)
-            else:
-                self._discard(hold.link)
+            elif hold.stranded:
+                self._end_stranded(hold)
         if lost is not None:
             _core.report_lost(handle, lost)  # outside hold.busy: on_lost may release again
 
@@ -696,20 +891,26 @@ class PostgresBackend:
         """Unlock on the hold's session; the reason the hold was lost, else None."""
         link = hold.link
         try:
-            row = link.conn.execute(_UNLOCK[hold.shared], (hold.pid, hold.key)).fetchone()
+            rows = _query(
+                link.conn,
+                _UNLOCK[hold.shared],
+                (link.mark, str(hold.key)),
+                _clock() + self._connect_timeout,
+                "to the unlock",
+            )
         except BaseException as exc:
-            self._discard(link)  # the server frees whatever the session held
+            self._discard(link, cancel=False)  # the server frees whatever the session held
             if not isinstance(exc, psycopg.Error):
                 raise
             return (
-                f"the connection failed before the release ({_reason(exc)}); the server frees "
+                f"the server did not confirm the release ({_reason(exc)}); the server frees "
                 "a session's locks when the session ends, maybe before this release"
             )
-        ok = row[0] if row is not None else None
-        if ok is None:
-            self._discard(link)
-            return _pooler_reason(hold.pid, None)
-        if not ok:
+        ok = rows[0][0] if rows else None
+        if ok is None:  # another client's session: a pooler
+            self._end_stranded(hold)
+            return _pooler_reason()
+        if ok != b"t":
             self._discard(link)
             return (
                 f"pg_advisory_unlock returned false: session {hold.pid} did not hold this lock "
@@ -718,6 +919,23 @@ class PostgresBackend:
             )
         self._recycle(link)
         return None
+
+    def _end_stranded(self, hold: _Hold) -> None:  # under hold.busy
+        """End the hold's own session, which a pooler put out of our reach, then close ours.
+
+        Through whichever session the pooler gives us: pg_terminate_backend on the pid and
+        start time noted at connect, so that the lock is freed now rather than when the
+        pooler retires that session (never another session that reuses the pid).
+        """
+        link = hold.link
+        with contextlib.suppress(psycopg.Error):  # best effort: reported lost either way
+            _query(
+                link.conn,
+                _TERMINATE,
+                (str(hold.pid), link.started),
+                _clock() + self._connect_timeout,
+            )
+        self._discard(link, cancel=False)
 
     def _drop(self, result: object) -> None:
         """Give back a hold nobody will use (its wait was abandoned): close its session."""
@@ -763,6 +981,7 @@ class PostgresBackend:
                 self._check(handle)
 
     def _check(self, handle: Handle) -> None:
+        """Renew the hold's lease with one round trip, or declare it lost before it ends."""
         hold: _Hold = handle.private
         if not hold.busy.acquire(blocking=False):
             return  # its owner is releasing it right now
@@ -770,20 +989,33 @@ class PostgresBackend:
             if hold.released or hold.lost is not None:
                 return
             link = hold.link
-            try:
-                row = link.conn.execute("SELECT pg_backend_pid()").fetchone()
-            except psycopg.Error as exc:
-                reason = (
-                    f"its connection failed ({_reason(exc)}): the session ended, so the server "
-                    "freed the lock (pg_terminate_backend, a server restart, the network)"
-                )
+            sent = _clock()
+            if sent >= hold.valid_until:
+                rows = None
+                reason = _silence_reason()
             else:
-                pid = int(row[0]) if row is not None else None
-                if pid == hold.pid:
-                    return
-                reason = _pooler_reason(hold.pid, pid)
+                try:
+                    rows = _query(link.conn, _BEAT, (link.mark,), hold.valid_until)
+                except psycopg.Error as exc:
+                    rows = None
+                    if isinstance(exc, _NoAnswer):
+                        reason = _silence_reason()
+                    else:
+                        reason = (
+                            f"its connection failed ({_reason(exc)}): the server frees the "
+                            "lock when it sees the session end (pg_terminate_backend, a "
+                            "server restart, the network)"
+                        )
+                else:
+                    if rows and rows[0][0] == b"t":
+                        hold.valid_until = sent + LEASE
+                        return
+            if rows is not None:  # answered from another client's session: a pooler
+                hold.stranded = True  # its session is ended at release, not under its body
+                reason = _pooler_reason()
+            else:
+                self._discard(link, cancel=False)
             hold.lost = reason
-            self._discard(link)
         finally:
             hold.busy.release()
         with _mutex:
@@ -796,31 +1028,27 @@ class PostgresBackend:
     def _holder_on(self, link: _Link, spec: LockSpec) -> Holder | None:
         """Who holds the lock of `spec`, asked on `link`."""
         key = self._place(spec.name)[0]
-        params = {
-            "ns": self._namespace,
-            "name": spec.name,
-            "classid": (key >> 32) & 0xFFFFFFFF,
-            "objid": key & 0xFFFFFFFF,
-        }
-        try:
-            rows = link.conn.execute(_HOLDERS, params).fetchall()
-        except _pgerr.UndefinedTable:
-            self._table_ready = False
-            return None
+        params = (str((key >> 32) & 0xFFFFFFFF), str(key & 0xFFFFFFFF))
+        rows = _query(link.conn, _HOLDERS, params, _clock() + self._connect_timeout)
         if not rows:
             return None
         # For a lock held shared by several sessions: another process than the caller's,
         # where there is one.
         me = os.getpid()
-        parsed = [(_parse_application_name(row[0]), row) for row in rows]
+        parsed = [
+            (_parse_application_name(app.decode() if app else None), addr, mode)
+            for app, addr, _server_pid, mode in rows
+        ]
         chosen = next((p for p in parsed if p[0][0] != me), parsed[0])
-        (pid, host, program), (_app, addr, _server_pid, mode, at) = chosen
+        (pid, host, program, at), addr_b, mode_b = chosen
+        addr = addr_b.decode() if addr_b else None
+        mode = mode_b.decode() if mode_b else None
         return _holder.reported(
             pid,
             host if host is not None else addr,
             _parse_application_name(application_name())[1] or "",
             argv=(program,) if program is not None else None,
-            acquired_at=float(at) if at is not None else None,
+            acquired_at=at,
             shared=mode == "ShareLock",
             name=spec.name,
         )
@@ -830,7 +1058,6 @@ class PostgresBackend:
         for attempt in range(2):
             link = self._borrow()
             try:
-                self._ensure_table(link)
                 found = self._holder_on(link, spec)
             except BaseException as exc:
                 self._discard(link)
@@ -851,12 +1078,12 @@ class PostgresBackend:
         A row of the fencing table, named after the semaphore, whose token is the limit:
         inserted once, never bumped, seen by every user.
         """
-        params = {"ns": self._namespace, "name": f"{name}\x1flimit", "limit": limit}
+        params = (self._namespace, f"{name}\x1flimit", str(limit))
         for attempt in range(3):
             link = self._borrow()
             try:
                 self._ensure_table(link)
-                row = link.conn.execute(_RECORD_LIMIT, params).fetchone()
+                rows = _query(link.conn, _RECORD_LIMIT, params, _clock() + self._connect_timeout)
             except BaseException as exc:
                 self._discard(link)
                 if not isinstance(exc, psycopg.Error):
@@ -868,8 +1095,8 @@ class PostgresBackend:
                 msg = f"semaphore {name!r}: the server refused to record its limit: {_reason(exc)}"
                 raise ProcLockError(msg) from exc
             self._recycle(link)
-            if row is not None:
-                return int(row[0])
+            if rows and rows[0][0] is not None:
+                return int(rows[0][0])
             # Inserted by a transaction that committed while our statement waited on its
             # row: our snapshot predates it; the next statement sees it.
         msg = f"semaphore {name!r}: its limit record could not be read back"  # pragma: no cover
@@ -885,12 +1112,20 @@ class PostgresBackend:
             _neuter(link.conn)
 
 
-def _pooler_reason(expected: int, found: int | None) -> str:
-    now = f"pid {found}" if found is not None else "another session"
+def _pooler_reason() -> str:
     return (
-        f"the server session changed from pid {expected} to {now}: a transaction-mode pooler "
-        "(PgBouncer pool_mode=transaction) hands sessions to other clients, and session "
-        "advisory locks cannot work through it; connect to PostgreSQL directly or in session mode"
+        "a statement ran on another connection's server session: a pooler in transaction or "
+        "statement mode (PgBouncer pool_mode=transaction) shares server sessions between "
+        "clients, and session advisory locks cannot work through it (the hold's own session "
+        "was ended); connect to PostgreSQL directly or through a session-mode pooler"
+    )
+
+
+def _silence_reason() -> str:
+    return (
+        f"no round trip reached the server for {LEASE:g} s (the network, or a server that "
+        f"stopped answering): the server ends a session it has not heard from for "
+        f"{SERVER_BOUND:g} s and frees its lock, so the hold is declared lost before that"
     )
 
 
