@@ -198,7 +198,7 @@ def waits_on_slots(backend, name, limit):
     """Waits on the slots of `name` now in progress, as the kernel or the server shows them.
 
     flock: this process's parked helpers; PostgreSQL: sessions queued for an advisory lock;
-    Redis: subscribers to the slots' release channels.
+    Redis: waiters queued on the slots (the sorted sets NAMESPACE:queue:SLOT).
     """
     if backend is None:
         from proclock.backends import flock
@@ -209,8 +209,8 @@ def waits_on_slots(backend, name, limit):
 
         client = redis.Redis.from_url(backend)
         try:
-            channels = [f"proclock:chan:{name}\x1fslot-{i}" for i in range(limit)]
-            return sum(count for _, count in client.pubsub_numsub(*channels))
+            queues = [f"proclock:queue:{name}\x1fslot-{i}" for i in range(limit)]
+            return sum(client.zcard(queue) for queue in queues)
         finally:
             client.close()
     import psycopg

@@ -148,7 +148,7 @@ def server_waiters(target, request):
     """How many waiters for NAME the kernel or the server sees now (a probe of the test's own).
 
     flock: blocked flock(2) calls in /proc/locks; PostgreSQL: ungranted rows in pg_locks;
-    Redis: subscribers of the lock's release channel.
+    Redis: waiters in the lock's queue (a sorted set).
     """
     if target.kind == "flock":
         from children import kernel_flocks
@@ -167,8 +167,8 @@ def server_waiters(target, request):
         key = target.backend().key(NAME)
         return lambda: len(_pg_locks(admin, key, granted=False))
     admin = request.getfixturevalue("redis_admin")
-    channel = target.backend().channel(NAME)
-    return lambda: admin.pubsub_numsub(channel)[0][1]
+    queue = target.backend().queue_key(NAME)
+    return lambda: admin.zcard(queue)
 
 
 def wait_until(predicate, what, timeout=10.0):

@@ -1,4 +1,4 @@
-"""Redis leases: SET NX PX with a random token, renewed by one thread, fenced by INCR.
+"""Redis leases: SET NX PX with a random token, renewed by one thread, fenced, queued waiters.
 
 A Redis lock is a *lease*, not a lock like flock(2): a holder that is paused (SIGSTOP, a long GC,
 a VM migration) for longer than the ttl loses it without knowing, and another process takes it.
@@ -11,27 +11,48 @@ Keys, for a lock named N in namespace S (names are used verbatim: readable and i
 
 - ``S:lock:N``  the lease: a JSON value (token, host, pid, argv, acquired_at, fence) with a PX
   expiry of `ttl`; only its holder's token extends or deletes it (compare-and-extend/-delete).
-- ``S:fence:N`` the fencing counter, INCR-ed in the same script that wins the lease, so a token
-  is issued only to a winner; it never expires (an expired counter would restart at 1).
-- ``S:chan:N``  the channel the release PUBLISHes on: waiters subscribe, then retry, then sleep
-  until a message or the holder's remaining PTTL (a dead holder publishes nothing).
+- ``S:fence:N`` the last fencing token issued. A new token is ``max(last + 1, TIME in µs)``,
+  taken in the script that wins the lease: the server's clock in the high digits, a counter
+  for acquisitions within one µs in the low ones. After a restart without persistence the
+  counter is gone, and the clock still puts the next token above every earlier one, assuming
+  the server's clock has not stepped back by more than the restart took (tokens run ahead of
+  the clock only by acquisitions faster than one per µs, which one script per acquisition
+  cannot be). Tokens stay below 2^53 (exact in Lua's doubles) until the year 2255.
+- ``S:queue:N`` the waiters: a sorted set of their tokens, each scored with the server time
+  (ms) past which it counts as gone (a waiter that died leaves by itself).
+- ``S:wake:N``  the wake-up list: a release with live waiters pushes one element, and BLPOP
+  hands it to exactly one of them (Redis serves blocked clients first come, first served).
+  ``S:me:<token>`` is pushed by a waiter's own winning try, so that the BLPOP pipelined
+  behind it returns at once.
 
 What this module guarantees (the core, `proclock._core`, does re-entry, errors, logging and
 the fan-out of a loss; this is the primitive only):
 
 - Each acquisition is a lease with a token of its own, so two owners of one process exclude
   each other exactly as two processes do.
-- A lease is proven held until `sent + ttl`, where `sent` is taken before the command that set
-  or extended it left. One thread per backend and process extends every held lease each ttl/3;
-  it reports a lease lost (`_core.report_lost`) when its key is gone, holds another token, or
-  Redis stayed unreachable past the proven end.
-- Release deletes the key only if it still holds our token, and publishes on the channel.
-  A release that cannot reach Redis while the lease is proven valid warns and lets the key
-  expire by itself (the work was protected: not a loss); past the proven end it is a loss.
-- An interruption (Ctrl-C) between the server's grant and the return of the handle gives the
-  lease back; one during release leaves it to be redone.
-- A forked child forgets its parent's clients and leases without closing them (redis-py shuts
-  a socket down only in the process that opened it): the parent's leases live on.
+- **Deadlines.** Every round trip has a client-side deadline (a socket timeout set for it):
+  connect and command within `connect_timeout`; an acquisition with a timeout ends by its
+  deadline, connecting included (its first attempt gets at least `_MIN_ATTEMPT`, so a tiny
+  timeout on a healthy server is not an outage); `timeout=0` is one attempt within
+  `connect_timeout`; a server that does not answer in time is BackendUnavailableError. A
+  renewal never outlives the lease it renews; a release waits `connect_timeout` at most, and
+  one Redis did not confirm is a loss (LockLostError).
+- **The holder learns first.** A lease is proven held until ``sent + ttl - margin`` on this
+  machine's monotonic clock, where `sent` is taken before the command that set or extended it
+  left (the server started its PX no earlier), and ``margin = ttl/20 + 20 ms`` covers clock
+  rate drift and the renewal thread's wake-up. One thread per backend and process extends
+  every held lease each ttl/3, and declares a lease lost (`_core.report_lost`) at the end of
+  its proof if no renewal came back: before the key can expire on the server, so before any
+  other client can take it. (A server crash or restart frees every key at once: no holder can
+  learn that first; fencing tokens still increase.)
+- **No herd.** A release wakes one waiter; a waiter that is woken and loses to a newcomer
+  waits again. A waiter's BLPOP lasts at most what is left of the holder's lease (or the ttl),
+  so a holder that died is noticed when its lease runs out.
+- Release deletes the key only if it still holds our token. An interruption (Ctrl-C) between
+  the server's grant and the return of the handle gives the lease back; one during release
+  leaves it to be redone.
+- A forked child forgets its parent's connections and leases without closing them (redis-py
+  shuts a socket down only in the process that opened it): the parent's leases live on.
 """
 
 from __future__ import annotations
@@ -41,6 +62,7 @@ import json
 import math
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -51,7 +73,6 @@ from time import monotonic as _clock
 # relative imports, so this is redis-py.
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as _RedisConnectionError
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
@@ -62,35 +83,62 @@ from ._base import FENCING, LOSS, WAIT_ANY, Handle
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import asyncio
-    from collections.abc import Callable, Coroutine
-    from typing import Any, TypeVar
+    from collections.abc import Callable, Sequence
+    from typing import Any
 
     from .._spec import LockSpec
 
-    _T = TypeVar("_T")
-
 __all__ = ["RedisBackend"]
 
-_COMMAND_TIMEOUT = 5.0  # seconds a command may take before the server counts as unavailable
 _IDLE_EXIT = 30.0  # seconds the renewal thread lingers with nothing to renew
+_IDLE_MAX = 16  # idle connections kept per backend
 _SCHEMES = ("redis", "rediss", "unix")
 _MIN_TTL = 0.01
+_MIN_ATTEMPT = 0.05  # seconds the first attempt of a timed acquisition gets at least
+_ENDS_MAX = 4096  # names whose holder's lease end is remembered
+_QUEUE_SLACK = 1.0  # seconds a waiter's queue entry outlives its BLPOP
 
-# KEYS: lock, fence. ARGV: token prefix, rest of the value up to '"fence":', ttl in ms.
+
+def _margin(ttl: float) -> float:
+    """How long before the server could expire a lease its holder declares it lost."""
+    return ttl / 20 + 0.02
+
+
+# KEYS: lock, fence, queue, me. ARGV: token prefix, rest of the value up to '"fence":', ttl
+# in ms, token, queue entry ms (0: do not queue), queue key ms.
 # Returns {fence, 0} to the winner, {0, pttl of the holder} otherwise. Idempotent for one token
-# (a retry after a dropped connection finds its own win), and INCR runs only for a winner.
+# (a retry after a dropped connection finds its own win); a token is issued only to a winner.
 _ACQUIRE = """
 local v = redis.call('GET', KEYS[1])
 if v then
   if string.sub(v, 1, #ARGV[1]) == ARGV[1] then
-    return {tonumber(string.match(v, '(%d+)}$')), 0}
+    if ARGV[5] ~= '0' then
+      redis.call('LPUSH', KEYS[4], '1')
+      redis.call('PEXPIRE', KEYS[4], ARGV[3])
+    end
+    return {string.match(v, '(%d+)}$'), 0}
+  end
+  if ARGV[5] ~= '0' then
+    local t = redis.call('TIME')
+    local ends = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[5])
+    redis.call('ZADD', KEYS[3], ends, ARGV[4])
+    if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[6]) then
+      redis.call('PEXPIRE', KEYS[3], ARGV[6])
+    end
   end
   return {0, redis.call('PTTL', KEYS[1])}
 end
-local f = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. ARGV[2] .. f .. '}', 'PX', ARGV[3])
-return {f, 0}
+local t = redis.call('TIME')
+local f = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, t[1] * 1000000 + t[2])
+local fs = string.format('%.0f', f)
+redis.call('SET', KEYS[2], fs)
+redis.call('SET', KEYS[1], ARGV[1] .. ARGV[2] .. fs .. '}', 'PX', ARGV[3])
+if ARGV[5] ~= '0' then
+  redis.call('ZREM', KEYS[3], ARGV[4])
+  redis.call('LPUSH', KEYS[4], '1')
+  redis.call('PEXPIRE', KEYS[4], ARGV[3])
+end
+return {fs, 0}
 """
 
 # KEYS: lock. ARGV: token prefix, ttl in ms. 1: extended; 0: key gone; -1: another's token.
@@ -102,15 +150,40 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: lock. ARGV: token prefix, channel. 1: deleted and published; 0: gone; -1: another's.
-_RELEASE = """
+# Wake one live waiter, if any (at most one wake-up pending: it is for whoever waits next).
+_WAKE = """
+local t = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', t[1] * 1000 + math.floor(t[2] / 1000))
+if redis.call('ZCARD', KEYS[2]) > 0 then
+  redis.call('DEL', KEYS[3])
+  redis.call('LPUSH', KEYS[3], '1')
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+end
+"""
+
+# KEYS: lock, queue, wake. ARGV: token prefix, ttl in ms. 1: deleted (and the next waiter
+# woken); 0: gone; -1: another's.
+_RELEASE = (
+    """
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 if string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return -1 end
 redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[2], 'released')
-return 1
 """
+    + _WAKE
+    + "return 1\n"
+)
+
+# KEYS: lock, queue, wake. ARGV: token, ttl in ms. A waiter leaves the queue; if the lock is
+# free, the wake-up it may have taken goes to the next waiter.
+_LEAVE = (
+    """
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+"""
+    + _WAKE
+    + "return 1\n"
+)
 
 _GONE = (
     "its key is gone: the lease expired before it could be renewed (the holder was paused or "
@@ -132,12 +205,13 @@ _STATE_NAMES = ("HELD", "LOST", "RELEASING", "RELEASED")
 class _Lease:
     """One acquisition's lease: the backend's private state of a Handle."""
 
-    __slots__ = ("channel", "due", "expires", "handle", "key", "pid", "prefix", "redo", "state")
+    __slots__ = ("due", "expires", "handle", "key", "name", "pid", "prefix", "redo", "state")
 
-    def __init__(self, key: str, channel: str, prefix: str, sent: float, ttl: float) -> None:
-        self.key, self.channel, self.prefix = key, channel, prefix
-        # Proven held until `expires` (monotonic): the expiry ran from no earlier than `sent`.
-        self.expires = sent + ttl
+    def __init__(self, key: str, name: str, prefix: str, sent: float, ttl: float) -> None:
+        self.key, self.name, self.prefix = key, name, prefix
+        # Proven held until `expires` (monotonic): the server's PX ran from no earlier than
+        # `sent`, and the margin keeps this end before the server's.
+        self.expires = sent + ttl - _margin(ttl)
         self.due = sent + ttl / 3
         self.state = HELD
         self.redo = False  # a release was interrupted: a redo may find the key deleted already
@@ -146,6 +220,65 @@ class _Lease:
 
     def __repr__(self) -> str:
         return f"<redis lease {self.key!r} {_STATE_NAMES[self.state]}>"
+
+
+class _Timeout(Exception):  # noqa: N818
+    """A round trip got no reply by its deadline (the connection is closed)."""
+
+
+class _Aborted(Exception):  # noqa: N818
+    """A wait was withdrawn (an async task cancelled): its socket was shut down."""
+
+
+class _Script:
+    """A Lua script sent with EVAL (cached by the server; a restart loses nothing we need)."""
+
+    __slots__ = ("backend", "source")
+
+    def __init__(self, backend: RedisBackend, source: str) -> None:
+        self.backend, self.source = backend, source
+
+    def __call__(
+        self,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        *,
+        bound: float | None = None,
+        wait: tuple[Sequence[str], float, float] | None = None,
+        abort: _Abort | None = None,
+    ) -> Any:
+        """EVAL (and a BLPOP behind it: `wait` = keys, seconds, read bound); its reply.
+
+        With `wait`, the reply is the script's with the BLPOP's appended.
+        """
+        command = ("EVAL", self.source, len(keys), *keys, *args)
+        backend = self.backend
+        if wait is None:
+            return backend._round_trip([command], bound)[0]
+        wait_keys, seconds, read_bound = wait
+        blpop = ("BLPOP", *wait_keys, f"{seconds:.3f}")
+        replies = backend._round_trip([command, blpop], bound, read_bound, abort)
+        return [*replies[0], replies[1]]
+
+
+class _Abort:
+    """A handle on a wait in progress, so that another thread can withdraw it."""
+
+    __slots__ = ("conn", "mutex", "set")
+
+    def __init__(self) -> None:
+        self.mutex = threading.Lock()
+        self.set = False
+        self.conn: Any = None
+
+    def fire(self) -> None:
+        with self.mutex:
+            self.set = True
+            conn = self.conn
+        sock = getattr(conn, "_sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 _INSTANCES: weakref.WeakSet[RedisBackend] = weakref.WeakSet()
@@ -198,16 +331,18 @@ class RedisBackend:
     Args:
         url: ``redis://[user:password@]host:port/db``, ``rediss://...`` (TLS) or
             ``unix:///path/to/socket?db=0``, as redis-py reads it.
-        namespace: the prefix of every key and channel this backend uses.
+        namespace: the prefix of every key this backend uses.
         ttl: the lease in seconds: a holder that dies frees the lock after at most this long;
-            a holder paused for longer loses it. It is renewed every ttl/3.
-        connect_timeout: seconds to wait for a connection before BackendUnavailableError.
+            a holder paused for longer loses it. It is renewed every ttl/3, and declared lost
+            by its holder ttl/20 + 20 ms before the server could let it expire.
+        connect_timeout: the deadline of every round trip (connecting included) that no
+            shorter deadline bounds: BackendUnavailableError past it.
 
     Nothing connects until the first acquisition. There are no shared locks (a lease has one
     holder): use PostgreSQL for shared=True.
     """
 
-    # WAIT_ANY: a wait is woken by the release's message on the channel, or when the holder's
+    # WAIT_ANY: a wait is woken by a release (one waiter per release), or when the holder's
     # lease runs out (its PTTL: a timer, not a poll), and cancelling acquire_async withdraws
     # it: a semaphore's head waits for any of its slots with one such wait per slot.
     capabilities = frozenset((FENCING, LOSS, WAIT_ANY))
@@ -236,8 +371,6 @@ class RedisBackend:
         self._url, self._namespace = url, namespace
         self._ttl, self._ttl_ms = float(ttl), max(1, round(ttl * 1000))
         self._connect_timeout = float(connect_timeout)
-        # Renewal gives up on a silent server well within the lease, to retry or call it lost.
-        self._renew_timeout = max(0.05, min(self._connect_timeout, self._ttl / 3))
         self._display = _redact(url)
         try:
             self._server = _server(url)
@@ -250,8 +383,8 @@ class RedisBackend:
     def _forget(self) -> None:
         """Start afresh: at construction, and in a forked child (which holds nothing).
 
-        The parent's clients are dropped, not closed: redis-py shuts a socket down only in the
-        process that opened it, so the parent's connections (and leases) are untouched.
+        The parent's connections are dropped, not closed: redis-py shuts a socket down only in
+        the process that opened it, so the parent's connections (and leases) are untouched.
         """
         # Reentrant: a signal handler or finalizer may take or release a lock while this
         # thread is inside one of the (short, call-free) sections it guards.
@@ -259,10 +392,12 @@ class RedisBackend:
         self._wake = threading.Condition(self._mutex)
         self._renewing: set[_Lease] = set()
         self._thread: threading.Thread | None = None
-        self._client: redis.Redis | None = None
-        self._renew_client: redis.Redis | None = None
+        self._idle: list[Any] = []
+        self._factory: Callable[[], Any] | None = None
         self._scripts: Any = None
         self._static: str | None = None
+        self._tls = threading.local()
+        self._ends: dict[str, float] = {}
         self._pid = os.getpid()
 
     def __repr__(self) -> str:
@@ -275,64 +410,164 @@ class RedisBackend:
         return f"{self._namespace}:lock:{name}"
 
     def fence_key(self, name: str) -> str:
-        """The Redis key of the fencing counter for the lock `name`."""
+        """The Redis key of the last fencing token issued for the lock `name`."""
         return f"{self._namespace}:fence:{name}"
 
-    def channel(self, name: str) -> str:
-        """The channel a release of `name` publishes on."""
-        return f"{self._namespace}:chan:{name}"
+    def queue_key(self, name: str) -> str:
+        """The sorted set of the waiters for `name` (ZCARD: how many wait, roughly)."""
+        return f"{self._namespace}:queue:{name}"
+
+    def wake_key(self, name: str) -> str:
+        """The list a release pushes one wake-up onto for the next waiter of `name`."""
+        return f"{self._namespace}:wake:{name}"
 
     def location(self, spec: LockSpec) -> str:
         """The server and key, e.g. "redis://127.0.0.1:6379/0 key 'proclock:lock:name'"."""
         return f"{self._server} key {self.key(_name(spec))!r}"
 
-    def _unavailable(self, exc: BaseException) -> BackendUnavailableError:
-        return BackendUnavailableError(self._display, f"{type(exc).__name__}: {exc}")
+    def _unavailable(self, exc: BaseException | str) -> BackendUnavailableError:
+        reason = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        return BackendUnavailableError(self._display, reason)
 
     # -- connections ---------------------------------------------------------------------------
 
-    def _pool(self, timeout: float, connect_timeout: float) -> redis.ConnectionPool:
-        # No retries inside redis-py (its default backs off for seconds): a closed port must
-        # fail at once, and `_call` retries only what is safe to retry.
-        return redis.ConnectionPool.from_url(
-            self._url,
-            socket_connect_timeout=connect_timeout,
-            socket_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            client_name=f"proclock-{os.getpid()}",
-        )
-
     def _connect(self) -> Any:
-        """The scripts (acquire, extend, release), on clients made at first use."""
+        """The scripts (acquire, extend, release, leave), made at first use."""
         if self._pid != os.getpid():
             self._forget()  # forked without the at-fork hook (e.g. os.fork in C code)
         scripts = self._scripts
         if scripts is not None:
             return scripts
-        pool = self._pool(max(_COMMAND_TIMEOUT, self._connect_timeout), self._connect_timeout)
-        renew = self._pool(self._renew_timeout, self._renew_timeout)
-        client = redis.Redis(connection_pool=pool)
-        made = tuple(client.register_script(s) for s in (_ACQUIRE, _EXTEND, _RELEASE))
+        # No retries inside redis-py (its default backs off for seconds): a closed port must
+        # fail at once; each round trip's deadline is set on its socket (`_round_trip`).
+        pool = redis.ConnectionPool.from_url(
+            self._url,
+            socket_connect_timeout=self._connect_timeout,
+            socket_timeout=self._connect_timeout,
+            retry=Retry(NoBackoff(), 0),
+            client_name=f"proclock-{os.getpid()}",
+        )
+        cls, kwargs = pool.connection_class, dict(pool.connection_kwargs)
+        made = tuple(_Script(self, s) for s in (_ACQUIRE, _EXTEND, _RELEASE, _LEAVE))
         with self._mutex:
             if self._scripts is None:  # else another thread won: ours are dropped unused
-                self._client, self._renew_client = client, redis.Redis(connection_pool=renew)
+                self._factory = lambda: cls(**kwargs)
                 self._scripts = made
             return self._scripts
 
-    def _call(self, fn: Callable[[], _T]) -> tuple[_T, bool]:
-        """fn(), retried once after a dropped connection; (result, whether it was retried).
+    def _take(self) -> Any:
+        with self._mutex:
+            if self._idle:
+                return self._idle.pop()
+            factory = self._factory
+        assert factory is not None  # noqa: S101  (made by _connect)
+        return factory()
 
-        A pooled connection the server closed (a restart, CLIENT KILL) fails its next command;
-        one fresh try tells that apart from a server that is down (which fails again at once).
+    def _give(self, conn: Any) -> None:
+        with self._mutex:
+            if len(self._idle) < _IDLE_MAX and conn.pid == os.getpid():
+                self._idle.append(conn)
+                return
+        conn.disconnect()
+
+    def _round_trip(
+        self,
+        commands: Sequence[tuple[Any, ...]],
+        bound: float | None,
+        last_bound: float | None = None,
+        abort: _Abort | None = None,
+    ) -> list[Any]:
+        """Send `commands` in one write; their replies, each read by its deadline.
+
+        Every reply but the last must come within `bound` (default `connect_timeout`) of the
+        start, connecting included; the last within `last_bound` if given. No reply in time:
+        `_Timeout`, and the connection is closed (its late reply must reach nobody). A pooled
+        connection the server closed (a restart, CLIENT KILL) is retried once on a fresh one.
         """
+        self._connect()
+        self._tls.retried = False
         try:
-            return fn(), False
-        except _RedisConnectionError:
-            pass
+            return self._exchange(commands, bound, last_bound, abort, fresh=False)
+        except (redis.ConnectionError, ConnectionError) as exc:
+            if isinstance(exc, _Retryable):
+                self._tls.retried = True
+                return self._exchange(commands, bound, last_bound, abort, fresh=True)
+            raise
+
+    def _exchange(  # noqa: PLR0915  (one exchange, each failure named where it happens)
+        self,
+        commands: Sequence[tuple[Any, ...]],
+        bound: float | None,
+        last_bound: float | None,
+        abort: _Abort | None,
+        *,
+        fresh: bool,
+    ) -> list[Any]:
+        start = _clock()
+        end = start + (self._connect_timeout if bound is None else max(bound, 0.001))
+        last_end = end if last_bound is None else start + last_bound
+        conn = self._factory() if fresh and self._factory is not None else self._take()
+        reused = conn._sock is not None
+        replies: list[Any] = []
+        error: Exception | None = None
+        try:
+            if abort is not None:
+                with abort.mutex:
+                    if abort.set:
+                        raise _Aborted  # noqa: TRY301  (before anything was sent)
+                    abort.conn = conn
+            if reused and conn.can_read():  # closed by the server meanwhile (EOF)
+                conn.disconnect()
+                reused = False
+            if conn._sock is None:
+                conn.socket_connect_timeout = conn.socket_timeout = end - _clock()
+                conn.connect()
+            sock = conn._sock
+            try:
+                sock.settimeout(max(end - _clock(), 0.0001))
+                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            except (redis.ConnectionError, OSError) as exc:
+                if reused and not (abort is not None and abort.set):
+                    raise _Retryable(str(exc)) from exc
+                raise
+            for i in range(len(commands)):
+                until = last_end if i == len(commands) - 1 else end
+                sock.settimeout(max(until - _clock(), 0.0001))
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:  # read whole: the connection is clean
+                    replies.append(None)
+                    error = error or exc
+        except (redis.TimeoutError, TimeoutError) as exc:
+            conn.disconnect()
+            if abort is not None and abort.set:
+                raise _Aborted from exc
+            raise _Timeout(len(replies), replies) from exc
         except (RedisError, OSError) as exc:
-            raise self._unavailable(exc) from exc
+            conn.disconnect()
+            if abort is not None and abort.set:
+                raise _Aborted(replies) from exc
+            raise
+        except BaseException:
+            conn.disconnect()  # interrupted mid-exchange: its replies must reach nobody
+            raise
+        finally:
+            if abort is not None:
+                with abort.mutex:
+                    abort.conn = None
+        self._give(conn)
+        if error is not None:
+            raise error
+        return replies
+
+    def _command(self, *args: Any) -> Any:
+        """One plain command within `connect_timeout`; BackendUnavailableError otherwise."""
         try:
-            return fn(), True
+            return self._round_trip([args], None)[0]
+        except _Timeout:
+            raise self._unavailable(
+                f"no reply within connect_timeout={self._connect_timeout}s"
+            ) from None
         except (RedisError, OSError) as exc:
             raise self._unavailable(exc) from exc
 
@@ -355,96 +590,124 @@ class RedisBackend:
     # -- acquisition ---------------------------------------------------------------------------
 
     def try_acquire(self, spec: LockSpec) -> Handle | None:
-        """One atomic SET NX + INCR with a token of its own: a handle, or None if held."""
-        won = self._try(_name(spec), secrets.token_hex(16))
+        """One attempt (SET NX and a fencing token) within `connect_timeout`: a handle or None."""
+        won = self._try(_name(spec), secrets.token_hex(16), None)
         return None if isinstance(won, int) else won
 
-    def acquire(self, spec: LockSpec, deadline: float | None) -> Handle | None:
+    def acquire(
+        self, spec: LockSpec, deadline: float | None, abort: _Abort | None = None
+    ) -> Handle | None:
         """Wait for the lease until `deadline` (monotonic; None: forever); None if it passed.
 
-        Tries; if held, subscribes to the release channel, retries, and sleeps until a release
-        publishes, the holder's lease runs out or the deadline passes.
+        Each cycle is one round trip: the try (which queues this waiter if the lock is held)
+        and a BLPOP behind it, which a release (one waiter per release), our own winning try,
+        the holder's lease running out or the deadline ends.
         """
         name = _name(spec)
         token = secrets.token_hex(16)  # one token for every try of this wait: `_try` is idempotent
-        won = self._try(name, token)
-        if not isinstance(won, int):
-            return won
-        if deadline is not None and _clock() >= deadline:
-            return None
-        self._connect()
-        assert self._client is not None  # noqa: S101
-        pubsub = self._client.pubsub()  # type: ignore[no-untyped-call]
+        now = _clock()
+        if deadline is not None and deadline <= now:
+            won = self._try(name, token, None)  # timeout=0: one attempt, connect_timeout
+            return None if isinstance(won, int) else won
+        first = True
+        # When the holder's lease ends, as last seen by any waiter of this backend: a cycle's
+        # BLPOP lasts until then at most (a holder that died publishes nothing). Unknown, a
+        # plain try learns it first.
+        ends = self._ends.get(name)
         try:
-            handle = self._wait(pubsub, name, token, deadline)
-        except BaseException:
-            _close_quietly(pubsub)
-            raise
-        try:
-            _close_quietly(pubsub)
-        except BaseException:  # interrupted (Ctrl-C) before the handle reached the core
-            if handle is not None:
-                self.release(handle)
-            raise
-        return handle
-
-    def _wait(self, pubsub: Any, name: str, token: str, deadline: float | None) -> Handle | None:
-        try:
-            pubsub.subscribe(self.channel(name))
-            # Retry only once the server confirms the subscription: a release between our
-            # retry and the confirmation would otherwise publish to nobody.
-            end = _confirm_by(deadline)
+            if ends is None or ends <= now:
+                bound = None if deadline is None else max(deadline - now, _MIN_ATTEMPT)
+                won = self._try(name, token, bound)
+                if not isinstance(won, int):
+                    return won
+                first = False
+                ends = self._ends.get(name)
             while True:
-                left = end - _clock()
-                if left <= 0:
-                    if deadline is not None and _clock() >= deadline:
-                        return None
-                    raise self._unavailable(TimeoutError("no SUBSCRIBE confirmation"))
-                message = pubsub.get_message(timeout=left)
-                if message is not None and message["type"] == "subscribe":
-                    break
-        except (RedisError, OSError) as exc:
-            if isinstance(exc, BackendUnavailableError):
-                raise
-            raise self._unavailable(exc) from exc
-        while True:
-            won = self._try(name, token)
-            if not isinstance(won, int):
-                return won
-            wait = self._pause(won, deadline)
-            if wait <= 0:
-                return None
-            try:
-                pubsub.get_message(timeout=wait)
-            except (RedisError, OSError) as exc:
-                raise self._unavailable(exc) from exc
+                now = _clock()
+                left = None if deadline is None else deadline - now
+                if left is not None and left <= 0:
+                    return None
+                wait = self._ttl
+                if ends is not None and ends > now:
+                    wait = min(wait, ends - now + 0.002)
+                if left is not None:
+                    wait = min(wait, left - 0.01)
+                wait = max(wait, 0.001)
+                if left is None:
+                    bound, read_bound = None, wait + self._connect_timeout
+                else:
+                    bound = max(left, _MIN_ATTEMPT) if first else left
+                    read_bound = max(left, wait + 0.001)
+                first = False
+                won = self._try(name, token, bound, (wait, read_bound), abort)
+                if not isinstance(won, int):
+                    return won
+                ends = self._ends.get(name)
+        except _Aborted:
+            self._leave(name, token)
+            return None
+        except _WaitTimedOut:
+            # The BLPOP's reply did not come by the deadline: a timeout (a wake-up it may
+            # have taken is passed on, in the background).
+            self._leave(name, token, background=True)
+            return None
+
+    def _leave(self, name: str, token: str, *, background: bool = False) -> None:
+        """Leave the queue, passing on a wake-up this waiter may have taken (best effort)."""
+        keys = [self.key(name), self.queue_key(name), self.wake_key(name)]
+        script = self._connect()[3]
+
+        def run() -> None:
+            with contextlib.suppress(RedisError, OSError, _Timeout, _Aborted):
+                script(keys=keys, args=[token, self._ttl_ms])
+
+        if background:
+            threading.Thread(target=run, name="proclock-redis-leave", daemon=True).start()
+        else:
+            run()
 
     async def acquire_async(self, spec: LockSpec, deadline: float | None) -> Handle | None:
-        """`acquire` for coroutines; the loop never blocks, cancellation leaves nothing held.
+        """`acquire` for coroutines: the loop never blocks, cancellation leaves nothing held.
 
-        Each SET NX runs in a worker thread on the shared connection pool (one pool for every
-        thread and event loop; redis.asyncio pools are bound to one loop). A cancelled task
-        waits for its in-flight try to finish and gives back what it won before it re-raises.
-        Waiting is a redis.asyncio subscription of its own, which cancellation just closes;
-        each of its round trips is bounded by `_bounded`, which always re-raises a cancellation.
+        The wait runs in a thread of its own; cancelling the task withdraws the wait (its
+        socket is shut down, its queue
+        entry removed) and gives back a lease won meanwhile, before it re-raises.
         """
-        name = _name(spec)
-        token = secrets.token_hex(16)
-        won = await self._try_async(name, token)
-        if not isinstance(won, int):
-            return won
-        if deadline is not None and _clock() >= deadline:
-            return None
-        return await self._wait_async(name, token, deadline)
-
-    async def _try_async(self, name: str, token: str) -> Handle | int:
         import asyncio  # noqa: PLC0415
 
-        future = asyncio.ensure_future(asyncio.to_thread(self._try, name, token))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Handle | None] = loop.create_future()
+        abort = _Abort()
+
+        def run() -> None:
+            try:
+                result: Any = self.acquire(spec, deadline, abort)
+                ok = True
+            except BaseException as exc:  # noqa: BLE001  (handed to the awaiting task)
+                result, ok = exc, False
+
+            def settle() -> None:
+                if future.cancelled():
+                    if ok and result is not None:
+                        threading.Thread(target=self.release, args=(result,), daemon=True).start()
+                elif ok:
+                    future.set_result(result)
+                else:
+                    future.set_exception(result)
+
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:  # the loop is closed: nobody will take the lease
+                if ok and result is not None:
+                    self.release(result)
+
+        threading.Thread(target=run, name="proclock-redis-wait", daemon=True).start()
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            # The script may have won on the server: finish, give it back, then be cancelled.
+            abort.fire()
+            # The wait ends promptly (its socket is shut down): wait for it, give back a lease
+            # it won meanwhile, then be cancelled.
             while not future.done():
                 try:
                     await asyncio.shield(future)
@@ -454,99 +717,69 @@ class RedisBackend:
                     pass
             if not future.cancelled() and future.exception() is None:
                 won = future.result()
-                if not isinstance(won, int):
+                if won is not None:
                     await asyncio.shield(asyncio.to_thread(self.release, won))
             raise
 
-    async def _wait_async(self, name: str, token: str, deadline: float | None) -> Handle | None:
-        import asyncio  # noqa: PLC0415
-
-        import redis.asyncio as aioredis  # noqa: PLC0415
-        from redis.asyncio.retry import Retry as AsyncRetry  # noqa: PLC0415
-
-        pool = aioredis.ConnectionPool.from_url(
-            self._url,
-            socket_connect_timeout=self._connect_timeout,
-            # None: with a socket_timeout, redis-py sends through asyncio.wait_for, which loses
-            # a cancellation on Python < 3.12. `_bounded` times each round trip instead.
-            socket_timeout=None,
-            retry=AsyncRetry(NoBackoff(), 0),
-            client_name=f"proclock-{os.getpid()}",
-        )
-        client = aioredis.Redis(connection_pool=pool)
-        pubsub = client.pubsub()
-        handle = None
-        try:
-            handle = await self._wait_subscribed(pubsub, name, token, deadline)
-        finally:
-            try:
-                # Shielded: a cancellation must not leave the subscription's connection open.
-                await asyncio.shield(_close_async(pubsub, client, pool))
-            except BaseException:  # cancelled while closing: the lease won must not be kept
-                if handle is not None:
-                    await asyncio.shield(asyncio.to_thread(self.release, handle))
-                raise
-        return handle
-
-    async def _wait_subscribed(
-        self, pubsub: Any, name: str, token: str, deadline: float | None
-    ) -> Handle | None:
-        end = _confirm_by(deadline)
-        if not await self._subscribe_async(pubsub, self.channel(name), end):
-            if deadline is not None and deadline <= end:  # the deadline came first: timed out
-                return None
-            raise self._unavailable(TimeoutError("no SUBSCRIBE confirmation"))
-        while True:
-            won = await self._try_async(name, token)
-            if not isinstance(won, int):
-                return won
-            wait = self._pause(won, deadline)
-            if wait <= 0:
-                return None
-            try:
-                # redis-py returns None after `wait`; the bound is for a call that hangs.
-                await _bounded(pubsub.get_message(timeout=wait), wait + _COMMAND_TIMEOUT)
-            except (RedisError, OSError) as exc:
-                raise self._unavailable(exc) from exc
-
-    async def _subscribe_async(self, pubsub: Any, channel: str, end: float) -> bool:
-        """SUBSCRIBE, and its confirmation first, as in `_wait`; False if `end` passed first."""
-        try:
-            # The connection and its handshake too: a server that stays silent ends here.
-            await _bounded(pubsub.subscribe(channel), end - _clock())
-            while (left := end - _clock()) > 0:
-                message = await _bounded(pubsub.get_message(timeout=left), left)
-                if message is not None and message["type"] == "subscribe":
-                    return True
-        except TimeoutError:  # `_bounded`'s (a builtin, not redis-py's): no reply by `end`
-            pass
-        except (RedisError, OSError) as exc:
-            raise self._unavailable(exc) from exc
-        return False
-
-    def _try(self, name: str, token: str) -> Handle | int:
-        """One atomic SET NX + INCR: the handle, or the holder's remaining PTTL in ms."""
+    def _try(  # noqa: PLR0915  (each outcome of one attempt, in order)
+        self,
+        name: str,
+        token: str,
+        bound: float | None,
+        wait: tuple[float, float] | None = None,
+        abort: _Abort | None = None,
+    ) -> Handle | int:
+        """One attempt (and, with `wait`, a BLPOP behind it): the handle, or the PTTL in ms."""
         scripts = self._connect()
-        key = self._key_and_fence(name)
+        keys = self._keys(name, token)
         prefix, rest = self._value_parts(name, token)
         lease = None
+        queue_ms = 0 if wait is None else round((wait[0] + _QUEUE_SLACK) * 1000)
+        args = [prefix, rest, self._ttl_ms, token, queue_ms, self._ttl_ms * 2 + 2000]
+        blpop = None if wait is None else ([keys[3], self.wake_key(name)], wait[0], wait[1])
         sent = _clock()
         try:
-            (fence, pttl), _ = self._call(
-                lambda: scripts[0](keys=key, args=[prefix, rest, self._ttl_ms])
-            )
+            try:
+                reply = scripts[0](keys=keys, args=args, bound=bound, wait=blpop, abort=abort)
+            except _Timeout as exc:
+                if exc.args[0] >= 1 and blpop is not None:  # the try answered, the BLPOP not
+                    fence, pttl = exc.args[1][0]
+                    if not fence:
+                        raise _WaitTimedOut from None
+                    reply = [fence, pttl, None]  # won: the BLPOP's reply is moot
+                else:
+                    raise self._unavailable(f"no reply within {self._bound_text(bound)}") from None
+            except _Aborted as exc:
+                replies = exc.args[0] if exc.args else []
+                if not replies or not replies[0][0]:
+                    raise
+                reply = [*replies[0], None]  # won before the withdrawal: the caller gives it back
+            except (RedisError, OSError) as exc:
+                raise self._unavailable(exc) from exc
+            fence, pttl = reply[0], reply[1]
             if not fence:
-                return int(pttl)
-            lease = _Lease(key[0], self.channel(name), prefix, sent, self._ttl)
+                pttl = int(pttl)
+                ends = self._ends
+                if len(ends) > _ENDS_MAX:
+                    ends.clear()
+                ends[name] = sent + (pttl / 1000 if pttl >= 0 else self._ttl)
+                return pttl
+            lease = _Lease(keys[0], name, prefix, sent, self._ttl)
             handle = Handle(
-                f"{self._server} key {key[0]!r}",
+                f"{self._server} key {keys[0]!r}",
                 fencing_token=int(fence),
                 shared=False,
                 private=lease,
             )
             lease.handle = handle
             self._track(lease)
-        except BackendUnavailableError:
+        except (BackendUnavailableError, _Aborted, _WaitTimedOut):
+            if wait is not None:
+                self._leave(name, token, background=True)
+            if lease is None:  # a try whose reply we did not see may have won: in the background
+                threading.Thread(
+                    target=self._give_back, args=(keys, prefix, name), daemon=True
+                ).start()
             raise
         except BaseException:
             # Interrupted (Ctrl-C) after the SET may have won: give back whatever our token
@@ -555,34 +788,39 @@ class RedisBackend:
                 with self._mutex:
                     lease.state = RELEASED
                     self._renewing.discard(lease)
-            with contextlib.suppress(RedisError, OSError):
-                scripts[2](keys=[key[0]], args=[prefix, self.channel(name)])
+            self._give_back(keys, prefix, name)
             raise
         return handle
 
-    def _key_and_fence(self, name: str) -> list[str]:
-        return [self.key(name), self.fence_key(name)]
+    def _give_back(self, keys: list[str], prefix: str, name: str) -> None:
+        """Delete the key if our token holds it (a try whose outcome we did not see)."""
+        with contextlib.suppress(RedisError, OSError, _Timeout, _Aborted):
+            self._connect()[2](
+                keys=[keys[0], keys[2], self.wake_key(name)], args=[prefix, self._ttl_ms]
+            )
 
-    def _pause(self, pttl: int, deadline: float | None) -> float:
-        """How long to sleep for a message: the holder's PTTL and the deadline at most.
+    def _bound_text(self, bound: float | None) -> str:
+        if bound is None:
+            return f"connect_timeout={self._connect_timeout}s"
+        return f"the acquisition's deadline ({bound:.3f}s)"
 
-        A dead holder publishes nothing, hence the PTTL; a key without expiry (not proclock's)
-        is re-read each ttl.
-        """
-        wait = pttl / 1000 if pttl >= 0 else self._ttl
-        wait = max(wait, 0.001)
-        if deadline is not None:
-            wait = min(wait, deadline - _clock())
-        return wait
+    def _keys(self, name: str, token: str) -> list[str]:
+        return [
+            self.key(name),
+            self.fence_key(name),
+            self.queue_key(name),
+            f"{self._namespace}:me:{token}",
+        ]
 
     # -- release -------------------------------------------------------------------------------
 
     def release(self, handle: Handle) -> None:
-        """Delete the key if (and only if) it still holds our token, and publish the release.
+        """Delete the key if (and only if) it still holds our token, and wake the next waiter.
 
-        Idempotent: a second call does nothing. A lease found lost here is reported to the
-        core (`report_lost`), which raises LockLostError; nothing of another holder's is
-        touched. Nothing is done in a forked child: the lease is its parent's.
+        Idempotent: a second call does nothing. Waits `connect_timeout` at most: a release
+        Redis did not confirm is reported lost (`report_lost`: LockLostError), as is a lease
+        found lost here; nothing of another holder's is touched. Nothing is done in a forked
+        child: the lease is its parent's.
         """
         lease: _Lease = handle.private
         with self._mutex:
@@ -594,26 +832,25 @@ class RedisBackend:
         if lease.pid != os.getpid():
             lease.state = RELEASED
             return
+        keys = [lease.key, self.queue_key(lease.name), self.wake_key(lease.name)]
         try:
             scripts = self._connect()
-            result, retried = self._call(
-                lambda: scripts[2](keys=[lease.key], args=[lease.prefix, lease.channel])
-            )
-        except BackendUnavailableError as exc:
+            result = scripts[2](keys=keys, args=[lease.prefix, self._ttl_ms])
+            retried = bool(getattr(self._tls, "retried", False))
+        except (_Timeout, RedisError, OSError) as exc:
             lease.state = RELEASED
             if state == LOST:
                 return
-            if _clock() < lease.expires:
-                # Held (proven) until now, so the work was protected; the key expires by itself.
-                import logging  # noqa: PLC0415
-
-                logging.getLogger("proclock").warning(
-                    "could not release %s, its lease expires within the ttl: %s",
-                    handle.location,
-                    exc,
-                )
-                return
-            _core.report_lost(handle, f"Redis unreachable past the lease's end ({exc.reason})")
+            reason = (
+                f"no reply within connect_timeout={self._connect_timeout}s"
+                if isinstance(exc, _Timeout)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            _core.report_lost(
+                handle,
+                f"Redis did not confirm the release ({reason}): the lease ends by itself "
+                "within the ttl, and whether it was still ours is unknown",
+            )
             return
         except BaseException:
             lease.state, lease.redo = state, True  # interrupted (Ctrl-C): the core redoes it
@@ -643,7 +880,7 @@ class RedisBackend:
                 self._wake.notify()
 
     def _renewer(self) -> None:
-        """Extend every held lease each ttl/3 (one thread per backend and process)."""
+        """Extend every held lease each ttl/3; declare one lost at the end of its proof."""
         me = threading.current_thread()
         while True:
             with self._wake:
@@ -656,30 +893,37 @@ class RedisBackend:
                             return
                         continue
                     now = _clock()
-                    due = [lease for lease in self._renewing if lease.due <= now]
+                    due = [
+                        lease for lease in self._renewing if min(lease.due, lease.expires) <= now
+                    ]
                     if due:
                         break
-                    self._wake.wait(min(lease.due for lease in self._renewing) - now)
+                    self._wake.wait(min(min(x.due, x.expires) for x in self._renewing) - now)
             for lease in due:
                 self._extend(lease)
 
     def _extend(self, lease: _Lease) -> None:
-        """One compare-and-extend: renewed, retried later, or lost."""
-        client, scripts = self._renew_client, self._scripts
+        """One compare-and-extend, bounded by the lease's proof: renewed, retried, or lost."""
+        scripts = self._scripts
         sent = _clock()
         result, failure = None, None
+        left = lease.expires - sent
         try:
-            if client is None or scripts is None:
-                raise _RedisConnectionError("no client")
-            result = scripts[1](keys=[lease.key], args=[lease.prefix, self._ttl_ms], client=client)
-        except (RedisError, OSError) as exc:
+            if left <= 0:
+                raise _Timeout(0, [])  # noqa: TRY301  (the proof ran out: not even a try)
+            if scripts is None:
+                raise redis.ConnectionError("no client")
+            bound = min(left, self._connect_timeout, self._ttl / 3)
+            result = scripts[1](keys=[lease.key], args=[lease.prefix, self._ttl_ms], bound=bound)
+        except (_Timeout, RedisError, OSError) as exc:
             failure = exc
         now = _clock()
         with self._mutex:
             if lease.state != HELD:
                 return
             if result == 1:
-                lease.expires, lease.due = sent + self._ttl, sent + self._ttl / 3
+                lease.expires = sent + self._ttl - _margin(self._ttl)
+                lease.due = sent + self._ttl / 3
                 return
             if failure is not None and now < lease.expires:
                 # Not reachable now: retry within what is left of the lease.
@@ -688,7 +932,11 @@ class RedisBackend:
             lease.state = LOST
             self._renewing.discard(lease)
         if failure is not None:
-            reason = f"Redis could not be reached to renew the lease before it ran out ({failure})"
+            text = "no reply" if isinstance(failure, _Timeout) else str(failure)
+            reason = (
+                "Redis could not be reached to renew the lease before its proven end "
+                f"({text}); declared lost before the server can expire it"
+            )
         else:
             reason = _TAKEN if result == -1 else _GONE
         assert lease.handle is not None  # noqa: S101
@@ -701,26 +949,14 @@ class RedisBackend:
 
         The key ``S:limit:N`` never expires: every user of the name sees it.
         """
-        self._connect()
         key = f"{self._namespace}:limit:{name}"
-        client = self._client
-        assert client is not None  # noqa: S101  (made by _connect)
-
-        def record() -> Any:
-            client.set(key, str(limit), nx=True)
-            return client.get(key)
-
-        value, _ = self._call(record)
-        return int(value)
+        self._command("SET", key, str(limit), "NX")
+        return int(self._command("GET", key))
 
     def holder(self, spec: LockSpec) -> Holder | None:
         """Who holds the lease now, from the JSON its holder stored; None if it is free."""
         name = _name(spec)
-        self._connect()
-        client = self._client
-        assert client is not None  # noqa: S101
-        key = self.key(name)
-        raw, _ = self._call(lambda: client.get(key))
+        raw = self._command("GET", self.key(name))
         if raw is None:
             return None
         try:
@@ -745,83 +981,17 @@ class RedisBackend:
         )
 
 
+class _Retryable(redis.ConnectionError):
+    """A pooled connection failed as it was reused (closed by the server): one fresh try."""
+
+
+class _WaitTimedOut(Exception):  # noqa: N818
+    """The BLPOP of a timed wait got no reply by the deadline."""
+
+
 def _name(spec: LockSpec) -> str:
     name = spec.name
     if name is None:
         msg = f"the Redis backend locks names, not files: {spec.label!r} was given as path="
         raise ValueError(msg)
     return name
-
-
-def _confirm_by(deadline: float | None) -> float:
-    """When a SUBSCRIBE must have been confirmed: by the deadline, or a command timeout."""
-    end = _clock() + _COMMAND_TIMEOUT
-    return end if deadline is None else min(end, deadline)
-
-
-def _close_quietly(pubsub: Any) -> None:
-    # The server went away: the socket is closed all the same.
-    with contextlib.suppress(RedisError, OSError):
-        pubsub.close()
-
-
-async def _bounded(call: Coroutine[Any, Any, _T], timeout: float) -> _T:
-    """Await `call`, a round trip into redis.asyncio, as a task of its own; at most `timeout` s.
-
-    Raises TimeoutError (the builtin) when `timeout` passes, and a cancellation of the caller
-    always, once the call has ended. redis-py's own timers cannot promise that before Python
-    3.12: asyncio.wait_for (its socket_timeout, when sending) returns the result of an await
-    that completed in the loop step its caller was cancelled in, and the cancellation is lost
-    (CPython gh-86296, bpo-42130); async_timeout (its timer before 3.11.3) turns one that
-    coincides with its expiry into a timeout, which a read with a timeout returns as "no
-    message". asyncio.wait never catches its caller's cancellation: whatever the call's task
-    makes of its own, the caller's is raised.
-    """
-    import asyncio  # noqa: PLC0415
-
-    task = asyncio.ensure_future(call)
-    try:
-        done, _ = await asyncio.wait((task,), timeout=max(timeout, 0.0))
-    except BaseException:
-        await _end(task)
-        raise
-    if not done:
-        await _end(task)
-        msg = f"no reply from Redis within {timeout:.3f}s"
-        raise TimeoutError(msg)
-    return task.result()
-
-
-async def _end(task: asyncio.Task[Any]) -> None:
-    """Cancel `task` and wait until it ends: its connection is closed next, and must be idle.
-
-    A cancellation of the caller meanwhile is raised once it has ended. A call that ignores
-    its cancellation is waited for _COMMAND_TIMEOUT at most: closing its socket ends it.
-    """
-    import asyncio  # noqa: PLC0415
-
-    task.cancel()
-    cancelled = None
-    end = _clock() + _COMMAND_TIMEOUT
-    while not task.done() and (left := end - _clock()) > 0:
-        try:
-            await asyncio.wait((task,), timeout=left)
-        except asyncio.CancelledError as exc:  # again: it still ends first
-            cancelled = exc
-    task.add_done_callback(_retrieve)  # its outcome is moot: not an error "never retrieved"
-    if cancelled is not None:
-        raise cancelled
-
-
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
-async def _close_async(pubsub: Any, client: Any, pool: Any) -> None:
-    try:
-        await pubsub.aclose()
-        await client.aclose()
-        await pool.aclose()
-    except (RedisError, OSError):  # the server went away: the sockets are closed all the same
-        pass
