@@ -675,8 +675,16 @@ class PostgresBackend:
     # -- acquisition -------------------------------------------------------------------------
 
     def try_acquire(self, spec: LockSpec) -> Handle | None:
-        """One pg_try_advisory_lock with the fencing bump (one round trip); None if busy."""
-        return self._take(spec, None, wait=False)
+        """One pg_try_advisory_lock and the fencing token (one round trip); None if busy.
+
+        The core's first attempt of a timed acquisition too: then the connecting and the
+        answer end by the timeout (the connecting given at least CONNECT_FLOOR s), else by
+        connect_timeout.
+        """
+        bound = None
+        if spec.blocking and spec.timeout:  # timeout=0 is blocking=False: connect_timeout
+            bound = _clock() + spec.timeout
+        return self._take(spec, bound, wait=False)
 
     def acquire(self, spec: LockSpec, deadline: float | None) -> Handle | None:
         """Wait in the server's queue until `deadline` (monotonic; None: forever).
@@ -765,7 +773,7 @@ class PostgresBackend:
         # A timed wait connects by its own deadline (given at least CONNECT_FLOOR s, so that a
         # short timeout does not fail a healthy server's connect), else by connect_timeout.
         connect_by = None
-        if wait and deadline is not None:
+        if deadline is not None:
             connect_by = max(deadline, _clock() + CONNECT_FLOOR)
         for attempt in range(2):
             link = self._borrow(connect_by)
@@ -810,6 +818,8 @@ class PostgresBackend:
             answer_by: float | None
             if not wait or (remaining is not None and remaining <= 0):
                 sql, answer_by, waited = _TRY[shared], sent + self._connect_timeout, False
+                if deadline is not None:  # a timed acquisition's first try
+                    answer_by = min(answer_by, max(deadline, sent + CONNECT_FLOOR) + GRACE)
             else:
                 # lock_timeout 0: wait forever (the keepalives still end a dead connection).
                 params.append(
