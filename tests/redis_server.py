@@ -43,6 +43,7 @@ class RedisServer:
         self.port = _free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="proclock-redis-")
         self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
         self._ready_timeout = ready_timeout
         self.start()
 
@@ -93,10 +94,13 @@ class RedisServer:
                     ready.set()
             ready.set()  # exited: start() reports it
 
-        threading.Thread(target=read, daemon=True).start()
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        self._reader = reader
         if not ready.wait(self._ready_timeout) or proc.poll() is not None:
             proc.kill()
             proc.wait()
+            self._reap(proc)
             msg = f"redis-server on port {self.port} did not start:\n{''.join(log[-20:])}"
             raise RuntimeError(msg)
         self._proc = proc
@@ -111,6 +115,7 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            self._reap(proc)
 
     def kill(self) -> None:
         """SIGKILL: a crash."""
@@ -118,6 +123,14 @@ class RedisServer:
         if proc is not None:
             proc.kill()
             proc.wait()
+            self._reap(proc)
+
+    def _reap(self, proc: subprocess.Popen[str]) -> None:
+        """Close the output pipe once its reader has seen EOF (the process has exited)."""
+        if self._reader is not None:
+            self._reader.join(5)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
     def restart(self) -> None:
         self.stop()

@@ -516,7 +516,7 @@ class RedisBackend:
                     if abort.set:
                         raise _Aborted  # noqa: TRY301  (before anything was sent)
                     abort.conn = conn
-            if reused and conn.can_read():  # closed by the server meanwhile (EOF)
+            if reused and _stale(conn):  # closed by the server meanwhile (EOF)
                 conn.disconnect()
                 reused = False
             if conn._sock is None:
@@ -590,8 +590,16 @@ class RedisBackend:
     # -- acquisition ---------------------------------------------------------------------------
 
     def try_acquire(self, spec: LockSpec) -> Handle | None:
-        """One attempt (SET NX and a fencing token) within `connect_timeout`: a handle or None."""
-        won = self._try(_name(spec), secrets.token_hex(16), None)
+        """One attempt (SET NX and a fencing token) within `connect_timeout`: a handle or None.
+
+        The core's first try of a timed acquisition: within its timeout too (at least
+        `_MIN_ATTEMPT`), so that `timeout=` bounds the whole acquisition.
+        """
+        bound = None
+        timeout = spec.timeout
+        if spec.blocking and timeout is not None and 0 < timeout < self._connect_timeout:
+            bound = max(timeout, _MIN_ATTEMPT)
+        won = self._try(_name(spec), secrets.token_hex(16), bound)
         return None if isinstance(won, int) else won
 
     def acquire(
@@ -987,6 +995,14 @@ class _Retryable(redis.ConnectionError):
 
 class _WaitTimedOut(Exception):  # noqa: N818
     """The BLPOP of a timed wait got no reply by the deadline."""
+
+
+def _stale(conn: Any) -> bool:
+    """Whether a pooled connection has something to read: EOF (closed by the server) or junk."""
+    try:
+        return bool(conn.can_read())
+    except (RedisError, OSError):
+        return True
 
 
 def _name(spec: LockSpec) -> str:
