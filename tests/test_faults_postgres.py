@@ -175,6 +175,7 @@ def test_a_silent_server_is_unavailable_within_the_deadline(proxy, make):
             lock.acquire()
         took = clock() - start
         assert bound - 0.05 <= took < bound + 0.5, (timeout, took)
+        print(f"silent server, timeout={timeout}: BackendUnavailableError after {took:.2f} s")
 
 
 def test_a_blackholed_idle_connection_does_not_hang_a_timed_acquire(proxy, admin, make):
@@ -188,6 +189,7 @@ def test_a_blackholed_idle_connection_does_not_hang_a_timed_acquire(proxy, admin
         lock.acquire()
     took = clock() - start
     assert took < 1 + pg.GRACE + 0.5, took  # today: hung for more than 70 s
+    print(f"blackholed idle connection, timeout=1: BackendUnavailableError after {took:.2f} s")
     proxy.resume()
 
 
@@ -202,6 +204,7 @@ def test_a_release_that_cannot_be_confirmed_is_lost_within_its_bound(proxy, admi
         lock.release()
     took = clock() - start
     assert took < 1 + 0.5, took  # connect_timeout: the unlock's deadline
+    print(f"unconfirmed release: LockLostError after {took:.2f} s")
     assert not lock.locked
     proxy.drop()  # the server sees the connection end and frees the lock
     deadline = clock() + 10
@@ -249,6 +252,7 @@ def test_a_blackholed_holder_learns_first_and_within_its_lease(cluster, proxy, a
     got = acquired.get(timeout=10)
     waiter.join(10)
     assert got > lost_at[0]
+    print(f"blackholed holder: on_lost after {lost_at[0] - paused:.2f} s, waiter after it")
     with pytest.raises(LockLostError, match="no round trip reached the server"):
         holder.release()
 
@@ -269,7 +273,9 @@ def test_tokens_increase_across_a_restart_and_a_crash(cluster, mode, make):
     holder.acquire()
     tokens.append(holder.fencing_token)
     cluster.restart(mode=mode)  # every session ends: every lock is freed at once
+    restarted = clock()
     assert lost.wait(5), "the holder never learned that the restart freed its lock"
+    print(f"restart -m {mode}: on_lost {clock() - restarted:.2f} s after pg_ctl returned")
     with pytest.raises(LockLostError):
         holder.release()
     with ProcessLock(lock_name, backend=backend, timeout=10) as lock:
