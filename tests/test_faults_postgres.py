@@ -283,6 +283,23 @@ def test_tokens_increase_across_a_restart_and_a_crash(cluster, mode, make):
     assert tokens == sorted(set(tokens)), tokens  # strictly increasing
 
 
+def test_the_sequence_starts_above_every_token_an_older_proclock_recorded(cluster, admin, make):
+    # proclock 0.1 bumped a row per lock name; a store fenced with its tokens must never see a
+    # smaller one after the upgrade.
+    db = f"upgrade_{uuid.uuid4().hex[:8]}"
+    admin.execute(f"CREATE DATABASE {db}")
+    try:
+        with psycopg.connect(cluster.url(db), autocommit=True) as conn:
+            conn.execute(pg._CREATE_TABLE)
+            conn.execute("INSERT INTO proclock_fencing VALUES ('proclock', 'old', 1000)")
+        backend = make(cluster.url(db))
+        with ProcessLock("old", backend=backend) as lock:
+            assert lock.fencing_token > 1000
+        backend.close()
+    finally:
+        admin.execute(f"DROP DATABASE {db} WITH (FORCE)")
+
+
 # -- a kernel-level partition ---------------------------------------------------------------
 
 HOLD_IN_NAMESPACE = """

@@ -120,7 +120,10 @@ CREATE TABLE IF NOT EXISTS proclock_fencing (
     acquired_at timestamptz,
     PRIMARY KEY (namespace, name)
 )"""
-_CREATE_SEQUENCE = "CREATE SEQUENCE IF NOT EXISTS proclock_fencing_seq"
+# Started above every token the fencing table recorded: proclock before 0.2 bumped a row per
+# lock name there, and a store fenced with those tokens must never see a smaller one.
+_CREATE_SEQUENCE = "CREATE SEQUENCE IF NOT EXISTS proclock_fencing_seq START WITH {start:d}"
+_NEXT_START = "SELECT coalesce(max(token), 0) + 1 FROM proclock_fencing"
 
 # Sent once per connection: mark the session as ours unless another connection marked it (a
 # pooler handed us its session), ask for short keepalives, note the session's start time
@@ -644,10 +647,13 @@ class PostgresBackend:
             (),
             deadline,
         )
-        for exists, create in ((seq, _CREATE_SEQUENCE), (table, _CREATE_TABLE)):
+        for exists, create in ((table, _CREATE_TABLE), (seq, _CREATE_SEQUENCE)):
             if exists == b"t":
                 continue
             try:
+                if create is _CREATE_SEQUENCE:
+                    ((top,),) = _query(link.conn, _NEXT_START, (), deadline)
+                    create = _CREATE_SEQUENCE.format(start=int(top or b"1"))  # noqa: PLW2901
                 _query(link.conn, create, (), deadline)
             except (_pgerr.UniqueViolation, _pgerr.DuplicateTable, _pgerr.DuplicateObject):
                 pass  # created by another process at the same moment (IF NOT EXISTS races)
@@ -656,9 +662,9 @@ class PostgresBackend:
                     "proclock draws its fencing tokens from a sequence proclock_fencing_seq and "
                     "records semaphore limits in a table proclock_fencing, which this role may "
                     f"not create ({_reason(exc)}); create them once as their owner: "
-                    f"{_CREATE_SEQUENCE}; {_CREATE_TABLE}; and GRANT USAGE ON SEQUENCE "
-                    "proclock_fencing_seq, GRANT SELECT, INSERT, UPDATE ON proclock_fencing to "
-                    "the role that takes the locks"
+                    f"{_CREATE_TABLE}; {_CREATE_SEQUENCE.format(start=1)}; and GRANT USAGE ON "
+                    "SEQUENCE proclock_fencing_seq, GRANT SELECT, INSERT, UPDATE ON "
+                    "proclock_fencing to the role that takes the locks"
                 )
                 raise ProcLockError(msg) from exc
         self._table_ready = True
