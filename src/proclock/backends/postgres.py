@@ -482,6 +482,8 @@ class PostgresBackend:
         self._links: set[_Link] = set()  # every open connection, for the fork handler
         self._mine: set[Handle] = set()  # held on this backend, for the heartbeat
         self._heart: threading.Thread | None = None
+        # A pipe that wakes the heartbeat when a hold is added, so that its socket is watched.
+        self._wake: tuple[int, int] | None = None
         self._table_ready = False
         self._places: dict[str, tuple[int, str]] = {}  # name -> (key, location)
         _instances.add(self)
@@ -972,29 +974,75 @@ class PostgresBackend:
             return
         with _mutex:
             self._mine.add(handle)
+            if self._wake is None:
+                read, write = os.pipe()
+                os.set_blocking(read, False)
+                os.set_blocking(write, False)
+                self._wake = (read, write)
             if self._heart is None:
                 thread = threading.Thread(
                     target=self._beat, name="proclock-postgres-heartbeat", daemon=True
                 )
                 self._heart = thread
                 thread.start()
+                return
+            wake = self._wake[1]
+        with contextlib.suppress(BlockingIOError):  # full: it will wake anyway
+            os.write(wake, b"!")
 
     def _beat(self) -> None:
-        """Check every held lock's connection each `heartbeat` seconds; stop when none is held."""
+        """Check every held lock's connection each `heartbeat` seconds; stop when none is held.
+
+        Between the checks it watches their sockets: a held connection has no query in flight,
+        so a byte from the server there means that it is ending the session (a shutdown or
+        restart, pg_terminate_backend, a crash of another backend) or sends a notice. It is
+        checked at once, and a shutdown is reported before the server takes connections again.
+        """
         pause = self._heartbeat
         assert pause is not None  # noqa: S101
         sleeper = threading.Event()
+        next_beat = _clock() + pause
+        quiet: set[Handle] = set()  # checked since the last beat: not watched again
         while True:
-            sleeper.wait(pause)
             with _mutex:
                 if self._heart is not threading.current_thread():
                     return  # a fork replaced us
+                handles = list(self._mine)
+            left = next_beat - _clock()
+            if left > 0:
+                watched: dict[int, Handle] = {}
+                for handle in handles:
+                    if handle in quiet:
+                        continue
+                    with contextlib.suppress(psycopg.Error):  # closed: the check will see it
+                        watched[handle.private.link.conn.pgconn.socket] = handle
+                wake = self._wake
+                if wake is None:  # pragma: no cover  (made before the thread starts)
+                    sleeper.wait(left)
+                    continue
+                poller = select.poll()
+                poller.register(wake[0], select.POLLIN)
+                for fd in watched:
+                    poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+                for fd, _events in poller.poll(max(1, math.ceil(left * 1000))):
+                    if fd == wake[0]:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(fd, 4096)
+                        continue
+                    quiet.add(watched[fd])
+                    self._check(watched[fd])
+                continue
+            with _mutex:
+                if self._heart is not threading.current_thread():
+                    return
                 if not self._mine:
                     self._heart = None
                     return
                 handles = list(self._mine)
             for handle in handles:
                 self._check(handle)
+            next_beat = _clock() + pause
+            quiet.clear()
 
     def _check(self, handle: Handle) -> None:
         """Renew the hold's lease with one round trip, or declare it lost before it ends."""
@@ -1124,6 +1172,9 @@ class PostgresBackend:
         """In a forked child: drop the parent's connections without ending their sessions."""
         links, self._links = self._links, set()
         self._idle, self._mine, self._heart = [], set(), None
+        wake, self._wake = self._wake, None
+        for fd in wake or ():
+            os.close(fd)  # our copies; the parent's stay open
         for link in links:
             _neuter(link.conn)
 
