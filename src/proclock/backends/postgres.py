@@ -484,6 +484,7 @@ class PostgresBackend:
         self._heart: threading.Thread | None = None
         # A pipe that wakes the heartbeat when a hold is added, so that its socket is watched.
         self._wake: tuple[int, int] | None = None
+        self._watched: frozenset[int] = frozenset()  # the sockets the heartbeat watches now
         self._table_ready = False
         self._places: dict[str, tuple[int, str]] = {}  # name -> (key, location)
         _instances.add(self)
@@ -987,6 +988,9 @@ class PostgresBackend:
                 thread.start()
                 return
             wake = self._wake[1]
+        hold: _Hold = handle.private
+        if _socket(hold) in self._watched:
+            return  # a pooled connection's socket, watched already: nothing to wake for
         with contextlib.suppress(BlockingIOError):  # full: it will wake anyway
             os.write(wake, b"!")
 
@@ -1010,12 +1014,9 @@ class PostgresBackend:
                 handles = list(self._mine)
             left = next_beat - _clock()
             if left > 0:
-                watched: dict[int, Handle] = {}
-                for handle in handles:
-                    if handle in quiet:
-                        continue
-                    with contextlib.suppress(psycopg.Error):  # closed: the check will see it
-                        watched[handle.private.link.conn.pgconn.socket] = handle
+                watched = {_socket(h.private): h for h in handles if h not in quiet}
+                watched.pop(-1, None)  # closed: the check will see it
+                self._watched = frozenset(watched)
                 wake = self._wake
                 if wake is None:  # pragma: no cover  (made before the thread starts)
                     sleeper.wait(left)
@@ -1029,8 +1030,12 @@ class PostgresBackend:
                         with contextlib.suppress(BlockingIOError):
                             os.read(fd, 4096)
                         continue
-                    quiet.add(watched[fd])
-                    self._check(watched[fd])
+                    # The hold on that socket now (a pooled connection outlives its holds).
+                    with _mutex:
+                        now = [h for h in self._mine if _socket(h.private) == fd]
+                    for handle in now:
+                        quiet.add(handle)
+                        self._check(handle)
                 continue
             with _mutex:
                 if self._heart is not threading.current_thread():
@@ -1177,6 +1182,14 @@ class PostgresBackend:
             os.close(fd)  # our copies; the parent's stay open
         for link in links:
             _neuter(link.conn)
+
+
+def _socket(hold: _Hold) -> int:
+    """The descriptor of the hold's connection, or -1 once it is closed."""
+    try:
+        return hold.link.conn.pgconn.socket
+    except psycopg.Error:
+        return -1
 
 
 def _pooler_reason() -> str:
