@@ -987,10 +987,11 @@ class PostgresBackend:
                 self._heart = thread
                 thread.start()
                 return
+            # Under _mutex, as the heartbeat takes its snapshot: either it saw this hold, or it
+            # watches the socket already (a pooled connection's), or it is woken.
+            if _socket(handle.private) in self._watched:
+                return
             wake = self._wake[1]
-        hold: _Hold = handle.private
-        if _socket(hold) in self._watched:
-            return  # a pooled connection's socket, watched already: nothing to wake for
         with contextlib.suppress(BlockingIOError):  # full: it will wake anyway
             os.write(wake, b"!")
 
@@ -1006,48 +1007,43 @@ class PostgresBackend:
         assert pause is not None  # noqa: S101
         sleeper = threading.Event()
         next_beat = _clock() + pause
-        quiet: set[Handle] = set()  # checked since the last beat: not watched again
         while True:
+            left = next_beat - _clock()
             with _mutex:
                 if self._heart is not threading.current_thread():
                     return  # a fork replaced us
-                handles = list(self._mine)
-            left = next_beat - _clock()
-            if left > 0:
-                watched = {_socket(h.private): h for h in handles if h not in quiet}
-                watched.pop(-1, None)  # closed: the check will see it
-                self._watched = frozenset(watched)
-                wake = self._wake
-                if wake is None:  # pragma: no cover  (made before the thread starts)
-                    sleeper.wait(left)
-                    continue
-                poller = select.poll()
-                poller.register(wake[0], select.POLLIN)
-                for fd in watched:
-                    poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
-                for fd, _events in poller.poll(max(1, math.ceil(left * 1000))):
-                    if fd == wake[0]:
-                        with contextlib.suppress(BlockingIOError):
-                            os.read(fd, 4096)
-                        continue
-                    # The hold on that socket now (a pooled connection outlives its holds).
-                    with _mutex:
-                        now = [h for h in self._mine if _socket(h.private) == fd]
-                    for handle in now:
-                        quiet.add(handle)
-                        self._check(handle)
-                continue
-            with _mutex:
-                if self._heart is not threading.current_thread():
-                    return
-                if not self._mine:
+                if left <= 0 and not self._mine:
                     self._heart = None
+                    self._watched = frozenset()
                     return
                 handles = list(self._mine)
-            for handle in handles:
-                self._check(handle)
-            next_beat = _clock() + pause
-            quiet.clear()
+                watched = {_socket(h.private) for h in handles} - {-1}  # -1: closed
+                self._watched = frozenset(watched)
+            if left <= 0:
+                for handle in handles:
+                    self._check(handle)
+                next_beat = _clock() + pause
+                continue
+            wake = self._wake
+            if wake is None:  # pragma: no cover  (made before the thread starts)
+                sleeper.wait(left)
+                continue
+            poller = select.poll()
+            poller.register(wake[0], select.POLLIN)
+            for fd in watched:
+                poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+            for fd, _events in poller.poll(max(1, math.ceil(left * 1000))):
+                if fd == wake[0]:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(fd, 4096)
+                    continue
+                # The hold on that socket now (a pooled connection outlives its holds). Its
+                # check reads what the server sent; a hold being released is skipped (its
+                # release reads it), and gone from the next snapshot.
+                with _mutex:
+                    now = [h for h in self._mine if _socket(h.private) == fd]
+                for handle in now:
+                    self._check(handle)
 
     def _check(self, handle: Handle) -> None:
         """Renew the hold's lease with one round trip, or declare it lost before it ends."""
