@@ -23,8 +23,10 @@ What this module guarantees:
   A hold is valid on the holder's monotonic clock until `LEASE` seconds (`SERVER_BOUND` minus a
   margin) after the last round trip that reached the server was *sent*; the heartbeat renews
   that, and declares the hold lost (`_core.report_lost`) once it runs out: before the server can
-  give the lock to anyone else. A server crash or restart frees every lock at once, with no
-  warning to anyone: fencing tokens are what protect a store then.
+  give the lock to anyone else. Between beats it watches the held connections' sockets, so a
+  server shutdown, restart or pg_terminate_backend (which say goodbye on each session) is
+  reported at once, before the server takes anyone's connection again. A server machine that
+  dies says nothing: the lease applies, and fencing tokens are what protect a store then.
 - Poolers are refused, never shared. Each connection marks its server session at connect
   (`proclock.session`, a random value set with `set_config(..., false)`; a session that
   carries another connection's mark is refused there), and the lock statement, the heartbeat
