@@ -256,7 +256,7 @@ def test_a_blackholed_holder_learns_first_and_within_its_lease(cluster, proxy, a
     paused = clock()
     proxy.pause()
     assert lost.wait(pg.LEASE + 1), "on_lost never fired"
-    assert lost_at[0] - paused <= pg.LEASE + 0.3
+    assert lost_at[0] - paused <= pg.LEASE + 1.0  # the margin to SERVER_BOUND: 1.5 s
     assert acquired.empty()  # nobody got it before the holder knew
     proxy.drop()  # the server sees the holder's session end
     got = acquired.get(timeout=10)
@@ -406,7 +406,7 @@ def test_a_partitioned_holder_learns_first_and_the_server_frees_within_its_bound
                 holder.stdin.close()  # type: ignore[union-attr]
                 holder.stdout.close()  # type: ignore[union-attr]
             # Holder first, then the server, within its bound of the cut.
-            assert lost_at - cut <= pg.LEASE + 0.3, lost_at - cut
+            assert lost_at - cut <= pg.LEASE + 1.0, lost_at - cut
             assert got > lost_at, (got, lost_at)
             assert got - cut <= pg.SERVER_BOUND + 1.5, got - cut
             print(f"partition: on_lost after {lost_at - cut:.2f} s, freed after {got - cut:.2f} s")

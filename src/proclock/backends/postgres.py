@@ -822,6 +822,7 @@ class PostgresBackend:
         """One lock statement on `link`: a handle, or None; on any error the session is closed."""
         shared = spec.shared
         params = [link.mark, str(key), link.app]
+        handle = None
         try:
             self._ensure_table(link)
             sent = _clock()
@@ -839,14 +840,25 @@ class PostgresBackend:
                 sql, waited = _WAIT[shared], True
                 answer_by = None if deadline is None else deadline + GRACE
             ((got,),) = _query(link.conn, sql, params, answer_by, "to the lock statement")
+            if got is not None and int(got) > 0:
+                # The server last heard from us when the statement arrived, or, after a wait,
+                # at most KEEPALIVE_IDLE s before it answered (its keepalive probes were
+                # answered meanwhile).
+                heard = max(sent, _clock() - KEEPALIVE_IDLE) if waited else sent
+                hold = _Hold(link, key, shared=shared, valid_until=heard + LEASE)
+                handle = Handle(location, fencing_token=int(got), shared=shared, private=hold)
+                self._watch(handle)
         except _pgerr.LockNotAvailable:
             # lock_timeout: the wait ran out; the statement took nothing.
             self._give_back(link, state)
             return None
         except BaseException as exc:
-            # Whatever happened (Ctrl-C, a cancel, a deadline), closing the session frees
-            # anything it holds or awaits: nothing is left behind.
-            self._discard(link, cancel=not isinstance(exc, _NoAnswer))
+            # Whatever happened (Ctrl-C, a cancel, a deadline, even between the grant and the
+            # handle), closing the session frees anything it holds or awaits.
+            if handle is not None:
+                self._drop(handle)
+            else:
+                self._discard(link, cancel=not isinstance(exc, _NoAnswer))
             raise
         if got is None:
             self._discard(link)
@@ -858,16 +870,8 @@ class PostgresBackend:
                 "PostgreSQL directly or through a session-mode pooler"
             )
             raise ProcLockError(msg)
-        token = int(got)
-        if token == 0:  # pg_try_advisory_lock said no: this session holds nothing
+        if handle is None:  # pg_try_advisory_lock said no (0): this session holds nothing
             self._give_back(link, state)
-            return None
-        # The server last heard from us when the statement arrived, or, after a wait, at most
-        # KEEPALIVE_IDLE s before it answered (its keepalive probes were answered meanwhile).
-        heard = max(sent, _clock() - KEEPALIVE_IDLE) if waited else sent
-        hold = _Hold(link, key, shared=shared, valid_until=heard + LEASE)
-        handle = Handle(location, fencing_token=token, shared=shared, private=hold)
-        self._watch(handle)
         return handle
 
     def _give_back(self, link: _Link, state: _Wait | None) -> None:
