@@ -546,8 +546,15 @@ class ProcessSemaphore(ProcessLock):
     Args:
         name: the semaphore's name; its files are in the lock directory.
         limit: how many may hold it at once (1 to 64). Every user of the name must agree.
-        blocking, timeout, retry, lock_dir, mode, reentrant, backend, on_lost: as for
-            `ProcessLock` (a semaphore is never shared, and has no single file for path=).
+        blocking: wait for a slot (True) or make one attempt (False).
+        timeout: seconds to wait; None waits forever; 0 is one attempt.
+        retry: a `Retry`, or an int of attempts in all.
+        lock_dir: the directory of its files (else $PROCLOCK_DIR, then the defaults).
+        mode: permissions of the files proclock creates (must include 0o600).
+        reentrant: count re-entry by the owner of a slot (else it raises ProcLockError).
+        backend: None for flock(2), a URL ("postgresql://...", "redis://...") or a backend.
+        on_lost: called with the LockLostError the moment a held slot is lost (network
+            backends). A semaphore is never shared, and has no single file for path=.
 
     Raises:
         TypeError, ValueError: an option that cannot be used, named in the message.
