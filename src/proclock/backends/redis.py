@@ -73,7 +73,7 @@ from time import monotonic as _clock
 # relative imports, so this is redis-py.
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
 from .. import _core, _holder
@@ -185,6 +185,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
     + "return 1\n"
 )
 
+_SOURCES = (_ACQUIRE, _EXTEND, _RELEASE, _LEAVE)
+
 _GONE = (
     "its key is gone: the lease expired before it could be renewed (the holder was paused or "
     "Redis unreachable for longer than the ttl), or Redis was restarted or flushed"
@@ -231,12 +233,18 @@ class _Aborted(Exception):  # noqa: N818
 
 
 class _Script:
-    """A Lua script sent with EVAL (cached by the server; a restart loses nothing we need)."""
+    """A Lua script, sent by its SHA1 (EVALSHA): every connection loads it as it connects.
 
-    __slots__ = ("backend", "source")
+    A server that lost it anyway (SCRIPT FLUSH) answers NOSCRIPT: sent again in full (EVAL).
+    """
+
+    __slots__ = ("backend", "sha", "source")
 
     def __init__(self, backend: RedisBackend, source: str) -> None:
+        import hashlib  # noqa: PLC0415
+
         self.backend, self.source = backend, source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
     def __call__(
         self,
@@ -247,18 +255,24 @@ class _Script:
         wait: tuple[Sequence[str], float, float] | None = None,
         abort: _Abort | None = None,
     ) -> Any:
-        """EVAL (and a BLPOP behind it: `wait` = keys, seconds, read bound); its reply.
+        """EVALSHA (and a BLPOP behind it: `wait` = keys, seconds, read bound); its reply.
 
         With `wait`, the reply is the script's with the BLPOP's appended.
         """
-        command = ("EVAL", self.source, len(keys), *keys, *args)
         backend = self.backend
-        if wait is None:
-            return backend._round_trip([command], bound)[0]
-        wait_keys, seconds, read_bound = wait
-        blpop = ("BLPOP", *wait_keys, f"{seconds:.3f}")
-        replies = backend._round_trip([command, blpop], bound, read_bound, abort)
-        return [*replies[0], replies[1]]
+        command: tuple[Any, ...] = ("EVALSHA", self.sha, len(keys), *keys, *args)
+        for _ in range(2):
+            try:
+                if wait is None:
+                    return backend._round_trip([command], bound)[0]
+                wait_keys, seconds, read_bound = wait
+                blpop = ("BLPOP", *wait_keys, f"{seconds:.3f}")
+                replies = backend._round_trip([command, blpop], bound, read_bound, abort)
+                return [*replies[0], replies[1]]
+            except NoScriptError:
+                command = ("EVAL", self.source, len(keys), *keys, *args)
+        msg = "unreachable"  # pragma: no cover
+        raise AssertionError(msg)  # pragma: no cover
 
 
 class _Abort:
@@ -448,7 +462,7 @@ class RedisBackend:
             client_name=f"proclock-{os.getpid()}",
         )
         cls, kwargs = pool.connection_class, dict(pool.connection_kwargs)
-        made = tuple(_Script(self, s) for s in (_ACQUIRE, _EXTEND, _RELEASE, _LEAVE))
+        made = tuple(_Script(self, s) for s in _SOURCES)
         with self._mutex:
             if self._scripts is None:  # else another thread won: ours are dropped unused
                 self._factory = lambda: cls(**kwargs)
@@ -519,9 +533,12 @@ class RedisBackend:
             if reused and _stale(conn):  # closed by the server meanwhile (EOF)
                 conn.disconnect()
                 reused = False
+            skip = 0
             if conn._sock is None:
                 conn.socket_connect_timeout = conn.socket_timeout = end - _clock()
                 conn.connect()
+                loads = [("SCRIPT", "LOAD", source) for source in _SOURCES]
+                commands, skip = [*loads, *commands], len(loads)
             sock = conn._sock
             try:
                 sock.settimeout(max(end - _clock(), 0.0001))
@@ -534,10 +551,12 @@ class RedisBackend:
                 until = last_end if i == len(commands) - 1 else end
                 sock.settimeout(max(until - _clock(), 0.0001))
                 try:
-                    replies.append(conn.read_response())
+                    reply = conn.read_response()
                 except redis.ResponseError as exc:  # read whole: the connection is clean
-                    replies.append(None)
+                    reply = None
                     error = error or exc
+                if i >= skip:
+                    replies.append(reply)
         except (redis.TimeoutError, TimeoutError) as exc:
             conn.disconnect()
             if abort is not None and abort.set:
