@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+import typing
 import uuid
 from typing import Any
 
@@ -50,7 +51,7 @@ class Counted:
 
     sends = 0
     tries = 0
-    stamps: list[float] = []  # when each send left (monotonic)
+    stamps: typing.ClassVar[list[float]] = []  # when each send left (monotonic)
 
     @classmethod
     def install(cls) -> None:
@@ -99,16 +100,16 @@ def make_lock(kind: str, url: str, name: str) -> tuple[Any, Any]:
 
 
 def _waiter(
-    kind: str, url: str, name: str, rounds: int, ready: Any, barrier: Any, out: Any
+    kind: str, url: str, name: str, rounds: int, ready: Any, go: Any, finish: Any, out: Any
 ) -> None:
     Counted.install()
     acquire, release = make_lock(kind, url, name)
     acquire()  # connect and warm up (the parent does not hold yet)
     release()
-    ready.wait()
+    ready.put(1)
     times, sends, tries = [], 0, 0
-    for _ in range(rounds):
-        barrier.wait()  # the parent holds the lock now
+    for round_ in range(rounds):
+        go[round_].wait()  # the parent holds the lock now
         Counted.sends = Counted.tries = 0
         Counted.stamps = []
         acquire()
@@ -118,33 +119,40 @@ def _waiter(
         times.append((got, released, [t for t in Counted.stamps if t <= got]))
         sends += Counted.sends
         tries += Counted.tries
-    barrier.wait()  # nobody exits (a CPU-heavy teardown) while others still hand off
     out.put((times, sends, tries))
+    finish.wait(300)  # nobody exits (a CPU-heavy teardown) while others still hand off
 
 
 def handoff(kind: str, url: str, waiters: int, rounds: int) -> dict[str, float]:
     name = f"handoff-{uuid.uuid4().hex[:8]}"
     acquire, release = make_lock(kind, url, name)
-    ready, barrier = SPAWN.Barrier(waiters + 1), SPAWN.Barrier(waiters + 1)
-    out = SPAWN.Queue()
+    # Events and queues, not multiprocessing.Barrier: with 51 parties it deadlocked here once.
+    ready, out = SPAWN.Queue(), SPAWN.Queue()
+    go = [SPAWN.Event() for _ in range(rounds)]
+    finish = SPAWN.Event()
     procs = [
-        SPAWN.Process(target=_waiter, args=(kind, url, name, rounds, ready, barrier, out))
+        SPAWN.Process(target=_waiter, args=(kind, url, name, rounds, ready, go, finish, out))
         for _ in range(waiters)
     ]
     for proc in procs:
         proc.start()
-    ready.wait()
+    for _ in procs:
+        ready.get(timeout=300)
     gaps: list[float] = []
     critical: list[int] = []
     starts = []
-    for _ in range(rounds):
+    results = []
+    for round_ in range(rounds):
         acquire()
-        barrier.wait()
+        go[round_].set()
         time.sleep(0.5 if waiters <= 20 else 1.0)  # every waiter queued behind us
         starts.append(time.monotonic())
         release()
-    barrier.wait()
-    results = [out.get(timeout=300) for _ in procs]
+        if round_ == rounds - 1:
+            results = [out.get(timeout=300) for _ in procs]
+        else:  # every waiter done with this round before the next one starts
+            time.sleep(1.0 if waiters > 20 else 0.5)
+    finish.set()
     for proc in procs:
         proc.join(60)
     sends = sum(r[1] for r in results) + rounds  # + our releases

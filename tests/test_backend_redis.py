@@ -1,4 +1,4 @@
-"""What only the Redis backend does: leases, renewal, loss, fencing by INCR, PUBLISH, servers.
+"""What only the Redis backend does: leases, renewal, loss, fencing, the wake-up queue, servers.
 
 The guarantees every backend gives (exclusion, re-entry, timeouts, fork, async, cancellation,
 loss fan-out) are tested once for all of them in test_contract.py.
