@@ -408,15 +408,15 @@ def run_handoffs(kind: str, d: str, count: int) -> list[float]:
 
 
 def _redis_subscribed(lock: Any) -> bool:
-    """A waiter has subscribed to the lock's release channel (PUBSUB NUMSUB)."""
+    """A waiter is queued for the lock (ZCARD of its queue)."""
     from proclock.backends import resolve
 
     if "client" not in _redis_admin:
         import redis
 
         _redis_admin["client"] = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
-    channel = resolve(REDIS_URL).channel(lock.name)  # type: ignore[attr-defined]
-    return int(_redis_admin["client"].pubsub_numsub(channel)[0][1]) > 0
+    queue = resolve(REDIS_URL).queue_key(lock.name)  # type: ignore[attr-defined]
+    return int(_redis_admin["client"].zcard(queue)) > 0
 
 
 def _lock_file(kind: str, d: str, name: str, lock: Any) -> str:

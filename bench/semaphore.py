@@ -97,14 +97,14 @@ class Sem:
         """A waiter is blocked on the slot this one holds (in the kernel, or the server)."""
         if self.kind == "proclock-postgres":
             return bool(_pg_queued())
-        if self.kind == "proclock-redis":  # a subscriber to the held slot's release channel
+        if self.kind == "proclock-redis":  # a waiter queued for the held slot
             import redis
 
             client = redis.Redis.from_url(impls.REDIS_URL)
             try:
                 slot = f"{self.name}\x1fslot-{self.slot.index}"
-                channel = self.sem.backend.inner.channel(slot)
-                return bool(client.pubsub_numsub(channel)[0][1])
+                queue = self.sem.backend.inner.queue_key(slot)
+                return bool(client.zcard(queue))
             finally:
                 client.close()
         if self.kind.startswith("proclock"):
