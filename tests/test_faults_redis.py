@@ -28,6 +28,7 @@ from proclock import (  # noqa: E402
     BackendUnavailableError,
     LockLostError,
     ProcessLock,
+    ProcessSemaphore,
 )
 from proclock.backends import RedisBackend  # noqa: E402
 from tcp_proxy import TcpProxy  # noqa: E402
@@ -302,3 +303,16 @@ def test_a_waiter_killed_while_queued_does_not_block_the_next(server, ns):
     assert got[0] is not None
     backend.release(got[0])
     assert took < 1.0  # not the 30 s lease: the dead waiter's wake-up was not lost
+
+
+def test_semaphore_slot_tokens_increase_across_a_restart(server, ns):
+    backend = _direct(server, ns)
+    tokens = []
+    for _ in range(2):
+        with ProcessSemaphore("sem", limit=2, backend=backend) as slot:
+            tokens.append(slot.fencing_token)
+    server.restart()
+    with ProcessSemaphore("sem", limit=2, backend=backend) as slot:
+        tokens.append(slot.fencing_token)
+    assert tokens == sorted(tokens)
+    assert len(set(tokens)) == len(tokens)
