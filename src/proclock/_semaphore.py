@@ -21,8 +21,8 @@ How a slot is taken, and why nobody polls or starves:
 - On PostgreSQL and Redis (`backend=`), the slots and the turnstile are that backend's locks
   (advisory locks; leases), the head waits on every slot at once (one server-side wait, or one
   place in the slot's waiter queue, whose release wakes one waiter, each; the first grant is
-  kept, the others cancelled), and the limit is recorded once in the server (a row of the fencing table; a
-  key set with NX).
+  kept, the others cancelled), and the limit is recorded once in the server (a row of the
+  fencing table; a key set with NX).
 - The semaphore is a backend over a lock backend (`SemaphoreBackend`): the core
   (`_core.take`/`give`) does what it does for every lock, once: re-entry (counted on the slot
   the owner holds), `reentrant=False`, waiting and retries, the contention errors, Ctrl-C and
