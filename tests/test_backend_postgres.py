@@ -661,7 +661,9 @@ def test_ctrl_c_while_waiting_leaves_nothing_queued(url, backend, ns, admin):
             wait_until(lambda: waiting(admin, key))
             os.kill(child.pid, signal.SIGINT)
             assert interrupted.wait(10)
-            assert not waiting(admin, key)  # its wait left the server's queue; it still lives
+            # Its wait leaves the server's queue (the cancel, or the closed session, is handled
+            # by the server a moment later under load); the child lives on.
+            wait_until(lambda: not waiting(admin, key), timeout=5)
             assert child.is_alive()
         finally:
             done.set()
