@@ -132,6 +132,9 @@ class ProcessLock:
 
     __slots__ = ("__weakref__", "_backend", "_entries", "_on_lost", "_spec", "_stale")
 
+    # What acquire() returns for a hold: a semaphore's is a Slot, which also says which slot.
+    _taken: type[Acquired] = Acquired
+
     def __init__(
         self,
         name: str | None = None,
@@ -319,7 +322,7 @@ class ProcessLock:
         hold = _core.take(spec, self._backend, _core.current_owner(), self._on_lost)
         try:  # inline, not a call: Ctrl-C on a callee's first instruction would lose the hold
             self._entries.append(hold)
-            return Acquired(self, hold)
+            return self._taken(self, hold)
         except BaseException:
             self._give(hold)  # interrupted (Ctrl-C) before it was returned: nothing is kept
             raise
@@ -336,7 +339,7 @@ class ProcessLock:
         hold = await _core.take_async(spec, self._backend, _core.current_owner(), self._on_lost)
         try:  # inline, not a call: Ctrl-C on a callee's first instruction would lose the hold
             self._entries.append(hold)
-            return Acquired(self, hold)
+            return self._taken(self, hold)
         except BaseException:
             self._give(hold)  # interrupted (Ctrl-C) before it was returned: nothing is kept
             raise

@@ -610,43 +610,22 @@ class ProcessSemaphore(ProcessLock):
         """Who holds each taken slot now (a `Holder` with its `slot`), lowest slot first."""
         return self._backend.holders(self._spec)  # type: ignore[attr-defined,no-any-return]
 
+    _taken = Slot
+
     def acquire(self, blocking: bool = UNSET, timeout: float | None = UNSET) -> Slot:
         """Take a slot, or raise (SemaphoreFullError, SemaphoreTimeoutError). Never False.
 
         The arguments default to the constructor's; `with sem.acquire(timeout=1) as slot:`
         releases exactly that hold at the end of the block.
         """
-        if blocking is UNSET and timeout is UNSET:
-            spec = self._spec
-        else:
-            spec = self._spec_for(blocking, timeout)
-        hold = _core.take(spec, self._backend, _core.current_owner(), self._on_lost)
-        try:  # inline, not a call: Ctrl-C on a callee's first instruction would lose the hold
-            self._entries.append(hold)
-            return Slot(self, hold)
-        except BaseException:
-            self._give(hold)
-            raise
+        return super().acquire(blocking, timeout)  # type: ignore[return-value]  # a _taken
 
     async def acquire_async(self, blocking: bool = UNSET, timeout: float | None = UNSET) -> Slot:
         """`acquire` for coroutines: waits without blocking the event loop; cancellable."""
-        spec = self._spec_for(blocking, timeout)
-        hold = await _core.take_async(spec, self._backend, _core.current_owner(), self._on_lost)
-        try:  # inline, not a call: Ctrl-C on a callee's first instruction would lose the hold
-            self._entries.append(hold)
-            return Slot(self, hold)
-        except BaseException:
-            self._give(hold)
-            raise
+        return await super().acquire_async(blocking, timeout)  # type: ignore[return-value]
 
     def __enter__(self) -> Slot:  # type: ignore[override]
-        hold = _core.take(self._spec, self._backend, _core.current_owner(), self._on_lost)
-        try:
-            self._entries.append(hold)
-            return Slot(self, hold)
-        except BaseException:
-            self._give(hold)
-            raise
+        return self.acquire()  # the target of `as` is the slot, not the semaphore
 
     async def __aenter__(self) -> Slot:  # type: ignore[override]
         return await self.acquire_async()

@@ -111,16 +111,15 @@ def _collect(
 
 def _poll_any(specs: Sequence[LockSpec], deadline: float | None) -> tuple[int, Handle] | None:
     """Past PARKED_MAX: LOCK_NB tries of every file with the documented back-off."""
-    pause = _fl.POLL_FIRST
+    pauses = _fl.poll_pauses(deadline)
     while True:
         got = try_any(specs)
         if got is not None:
             return got
-        remaining = None if deadline is None else deadline - _clock()
-        if remaining is not None and remaining <= 0:
+        pause = next(pauses, None)
+        if pause is None:
             return None
-        time.sleep(pause if remaining is None else min(pause, remaining))
-        pause = min(pause * 2, _fl.POLL_MAX)
+        time.sleep(pause)
 
 
 def try_any(specs: Sequence[LockSpec]) -> tuple[int, Handle] | None:
@@ -217,16 +216,15 @@ def _resolve(cell: list[asyncio.Future[None]]) -> None:
 async def _poll_any_async(
     specs: Sequence[LockSpec], deadline: float | None, asyncio: Any
 ) -> tuple[int, Handle] | None:
-    pause = _fl.POLL_FIRST
+    pauses = _fl.poll_pauses(deadline)
     while True:
         got = try_any(specs)
         if got is not None:
             return got
-        remaining = None if deadline is None else deadline - _clock()
-        if remaining is not None and remaining <= 0:
+        pause = next(pauses, None)
+        if pause is None:
             return None
-        await asyncio.sleep(pause if remaining is None else min(pause, remaining))
-        pause = min(pause * 2, _fl.POLL_MAX)
+        await asyncio.sleep(pause)
 
 
 # -- any backend that declares "wait-any" (PostgreSQL): one wait of its own per lock --------------

@@ -50,7 +50,7 @@ from ._base import FD, FREED_ON_EXIT, LOCAL, SHARED, WAIT_ANY, Handle
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from typing import Any
 
     from .._holder import Holder
@@ -1206,31 +1206,44 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+def poll_pauses(deadline: float | None) -> Iterator[float]:
+    """The pauses of the back-off poll past PARKED_MAX, each cut at `deadline` (None: none).
+
+    POLL_FIRST doubling to POLL_MAX; it ends once the deadline has passed. One schedule for
+    every poll: a lock's (`_poll`, `_poll_async`) and a wait for any of several (`_any`).
+    """
+    pause = POLL_FIRST
+    while True:
+        remaining = None if deadline is None else deadline - _clock()
+        if remaining is not None and remaining <= 0:
+            return
+        yield pause if remaining is None else min(pause, remaining)
+        pause = min(pause * 2, POLL_MAX)
+
+
 def _poll(spec: LockSpec, deadline: float) -> Handle | None:
     """Past PARKED_MAX: LOCK_NB tries with a bounded back-off until the deadline."""
-    pause = POLL_FIRST
+    pauses = poll_pauses(deadline)
     while True:
         handle = FLOCK.try_acquire(spec)
         if handle is not None:
             return handle
-        remaining = deadline - _clock()
-        if remaining <= 0:
+        pause = next(pauses, None)
+        if pause is None:
             return None
-        time.sleep(min(pause, remaining))
-        pause = min(pause * 2, POLL_MAX)
+        time.sleep(pause)
 
 
 async def _poll_async(spec: LockSpec, deadline: float | None, asyncio: Any) -> Handle | None:
-    pause = POLL_FIRST
+    pauses = poll_pauses(deadline)
     while True:
         handle = FLOCK.try_acquire(spec)
         if handle is not None:
             return handle
-        remaining = None if deadline is None else deadline - _clock()
-        if remaining is not None and remaining <= 0:
+        pause = next(pauses, None)
+        if pause is None:
             return None
-        await asyncio.sleep(pause if remaining is None else min(pause, remaining))
-        pause = min(pause * 2, POLL_MAX)
+        await asyncio.sleep(pause)
 
 
 def _parking_after_fork() -> None:
