@@ -106,8 +106,9 @@ def _margin(ttl: float) -> float:
 
 # KEYS: lock, fence, queue, me. ARGV: token prefix, rest of the value up to '"fence":', ttl
 # in ms, token, queue entry ms (0: do not queue), queue key ms.
-# Returns {fence, 0} to the winner, {0, pttl of the holder} otherwise. Idempotent for one token
-# (a retry after a dropped connection finds its own win); a token is issued only to a winner.
+# Returns {fence, 0, 0} to the winner, {0, pttl of the holder, last fence issued} otherwise.
+# Idempotent for one token (a retry after a dropped connection finds its own win); a token is
+# issued only to a winner.
 _ACQUIRE = """
 local v = redis.call('GET', KEYS[1])
 if v then
@@ -116,7 +117,7 @@ if v then
       redis.call('LPUSH', KEYS[4], '1')
       redis.call('PEXPIRE', KEYS[4], ARGV[3])
     end
-    return {string.match(v, '(%d+)}$'), 0}
+    return {string.match(v, '(%d+)}$'), 0, 0}
   end
   if ARGV[5] ~= '0' then
     local t = redis.call('TIME')
@@ -126,7 +127,7 @@ if v then
       redis.call('PEXPIRE', KEYS[3], ARGV[6])
     end
   end
-  return {0, redis.call('PTTL', KEYS[1])}
+  return {0, redis.call('PTTL', KEYS[1]), redis.call('GET', KEYS[2]) or '0'}
 end
 local t = redis.call('TIME')
 local f = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, t[1] * 1000000 + t[2])
@@ -138,52 +139,79 @@ if ARGV[5] ~= '0' then
   redis.call('LPUSH', KEYS[4], '1')
   redis.call('PEXPIRE', KEYS[4], ARGV[3])
 end
-return {fs, 0}
+return {fs, 0, 0}
 """
 
-# KEYS: lock. ARGV: token prefix, ttl in ms. 1: extended; 0: key gone; -1: another's token.
+# KEYS: lock, queue. ARGV: token prefix, ttl in ms, the whole value ('' keeps it), queue
+# entry. 1: extended; 0: key gone; -1: another's token. A lease handed over by a release is
+# claimed this way: its value (the releaser's placeholder) becomes its holder's, and its holder
+# leaves the queue.
 _EXTEND = """
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 if string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return -1 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
+  redis.call('ZREM', KEYS[2], ARGV[4])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
 return 1
 """
 
-# Wake one live waiter, if any (at most one wake-up pending: it is for whoever waits next).
-_WAKE = """
+# The end of a lease (KEYS[1]) whose holder is done with it: handed over to whichever live
+# waiter pops the ticket first (Redis serves blocked clients first come, first served, and never
+# a disconnected one), or freed if nobody waits. The ticket is a lease of its own, with a new
+# token ARGV[1] and fence, that its waiter claims: it never becomes free in between, so a
+# newcomer does not barge in and the woken waiter's attempt is not wasted. The ticket list
+# expires 1 ms before the lease: a ticket nobody popped never outlives it.
+# KEYS: lock, queue, wake, fence. ARGV: the ticket's token, ttl in ms.
+_HAND_OVER = """
 local t = redis.call('TIME')
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', t[1] * 1000 + math.floor(t[2] / 1000))
-if redis.call('ZCARD', KEYS[2]) > 0 then
+if redis.call('ZCARD', KEYS[2]) == 0 then
+  redis.call('DEL', KEYS[1])
+else
+  local f = math.max(tonumber(redis.call('GET', KEYS[4]) or '0') + 1, t[1] * 1000000 + t[2])
+  local fs = string.format('%.0f', f)
+  redis.call('SET', KEYS[4], fs)
+  redis.call('SET', KEYS[1], '{"token":"' .. ARGV[1] .. '","handoff":true,"fence":' .. fs .. '}',
+    'PX', ARGV[2])
   redis.call('DEL', KEYS[3])
-  redis.call('LPUSH', KEYS[3], '1')
-  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+  redis.call('RPUSH', KEYS[3], ARGV[1] .. ':' .. fs)
+  redis.call('PEXPIRE', KEYS[3], math.max(1, tonumber(ARGV[2]) - 1))
 end
 """
 
-# KEYS: lock, queue, wake. ARGV: token prefix, ttl in ms. 1: deleted (and the next waiter
-# woken); 0: gone; -1: another's.
+# KEYS: lock, queue, wake, fence. ARGV: token prefix, ttl in ms, a ticket token, the holder's
+# queue entry (a handed-over lease's holder leaves the queue here if its claim has not yet).
+# 1: released (handed over or freed); 0: gone; -1: another's.
 _RELEASE = (
     """
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 if string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return -1 end
-redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[4])
+local ARGV = {ARGV[3], ARGV[2]}
 """
-    + _WAKE
+    + _HAND_OVER
     + "return 1\n"
 )
 
-# KEYS: lock, queue, wake. ARGV: token, ttl in ms. A waiter leaves the queue; if the lock is
-# free, the wake-up it may have taken goes to the next waiter.
-_LEAVE = (
-    """
+# KEYS: lock, queue, wake. ARGV: token. A waiter leaves the queue; a ticket left for nobody (no
+# live waiter remains to pop it) frees the lock.
+_LEAVE = """
 redis.call('ZREM', KEYS[2], ARGV[1])
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local t = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', t[1] * 1000 + math.floor(t[2] / 1000))
+if redis.call('ZCARD', KEYS[2]) > 0 or redis.call('LLEN', KEYS[3]) == 0 then return 0 end
+local v = redis.call('GET', KEYS[1])
+if v and string.find(v, '"handoff":true', 1, true) then
+  redis.call('DEL', KEYS[1])
+end
+redis.call('DEL', KEYS[3])
+return 1
 """
-    + _WAKE
-    + "return 1\n"
-)
 
 _SOURCES = (_ACQUIRE, _EXTEND, _RELEASE, _LEAVE)
 
@@ -207,7 +235,19 @@ _STATE_NAMES = ("HELD", "LOST", "RELEASING", "RELEASED")
 class _Lease:
     """One acquisition's lease: the backend's private state of a Handle."""
 
-    __slots__ = ("due", "expires", "handle", "key", "name", "pid", "prefix", "redo", "state")
+    __slots__ = (
+        "claim",
+        "due",
+        "expires",
+        "handle",
+        "key",
+        "member",
+        "name",
+        "pid",
+        "prefix",
+        "redo",
+        "state",
+    )
 
     def __init__(self, key: str, name: str, prefix: str, sent: float, ttl: float) -> None:
         self.key, self.name, self.prefix = key, name, prefix
@@ -219,6 +259,10 @@ class _Lease:
         self.redo = False  # a release was interrupted: a redo may find the key deleted already
         self.pid = os.getpid()
         self.handle: Handle | None = None
+        # A lease handed over by a release: the value to write over the releaser's
+        # placeholder, at its first renewal (due at once).
+        self.claim = ""
+        self.member = ""  # its holder's queue entry (the token of the wait that won it)
 
     def __repr__(self) -> str:
         return f"<redis lease {self.key!r} {_STATE_NAMES[self.state]}>"
@@ -763,35 +807,50 @@ class RedisBackend:
         lease = None
         queue_ms = 0 if wait is None else round((wait[0] + _QUEUE_SLACK) * 1000)
         args = [prefix, rest, self._ttl_ms, token, queue_ms, self._ttl_ms * 2 + 2000]
-        blpop = None if wait is None else ([keys[3], self.wake_key(name)], wait[0], wait[1])
+        blpop = None if wait is None else ([keys[3], keys[4]], wait[0], wait[1])
         sent = _clock()
         try:
             try:
-                reply = scripts[0](keys=keys, args=args, bound=bound, wait=blpop, abort=abort)
+                reply = scripts[0](keys=keys[:4], args=args, bound=bound, wait=blpop, abort=abort)
             except _Timeout as exc:
                 if exc.args[0] >= 1 and blpop is not None:  # the try answered, the BLPOP not
-                    fence, pttl = exc.args[1][0]
-                    if not fence:
+                    reply = exc.args[1][0]
+                    if not reply[0]:
                         raise _WaitTimedOut from None
-                    reply = [fence, pttl, None]  # won: the BLPOP's reply is moot
+                    # won: the BLPOP's reply is moot
                 else:
                     raise self._unavailable(f"no reply within {self._bound_text(bound)}") from None
             except _Aborted as exc:
                 replies = exc.args[0] if exc.args else []
                 if not replies or not replies[0][0]:
                     raise
-                reply = [*replies[0], None]  # won before the withdrawal: the caller gives it back
+                reply = replies[0]  # won before the withdrawal: the caller gives it back
             except (RedisError, OSError) as exc:
                 raise self._unavailable(exc) from exc
             fence, pttl = reply[0], reply[1]
+            claim = None
+            ttl = self._ttl
             if not fence:
                 pttl = int(pttl)
-                ends = self._ends
-                if len(ends) > _ENDS_MAX:
-                    ends.clear()
-                ends[name] = sent + (pttl / 1000 if pttl >= 0 else self._ttl)
-                return pttl
-            lease = _Lease(keys[0], name, prefix, sent, self._ttl)
+                popped = reply[3] if len(reply) > 3 else None
+                if popped is None or popped[0].decode() != keys[4]:
+                    ends = self._ends
+                    if len(ends) > _ENDS_MAX:
+                        ends.clear()
+                    ends[name] = sent + (pttl / 1000 if pttl >= 0 else self._ttl)
+                    return pttl
+                # Handed over: the ticket's token is this lease's, its value ours to claim.
+                # Issued after our try ran (a larger fence than the try saw), its ttl ran from
+                # after `sent`; else it was waiting when the try saw its PTTL.
+                ticket, fence = popped[1].decode().split(":")
+                if int(fence) <= int(reply[2]):
+                    ttl = pttl / 1000
+                prefix = f'{{"token":"{ticket}",'
+                claim = f"{prefix}{rest}{fence}}}"
+            lease = _Lease(keys[0], name, prefix, sent, ttl)
+            lease.member = token
+            if claim is not None:
+                lease.claim, lease.due = claim, sent  # claimed by the renewal thread at once
             handle = Handle(
                 f"{self._server} key {keys[0]!r}",
                 fencing_token=int(fence),
@@ -804,9 +863,7 @@ class RedisBackend:
             if wait is not None:
                 self._leave(name, token, background=True)
             if lease is None:  # a try whose reply we did not see may have won: in the background
-                threading.Thread(
-                    target=self._give_back, args=(keys, prefix, name), daemon=True
-                ).start()
+                threading.Thread(target=self._give_back, args=(keys, prefix), daemon=True).start()
             raise
         except BaseException:
             # Interrupted (Ctrl-C) after the SET may have won: give back whatever our token
@@ -815,15 +872,16 @@ class RedisBackend:
                 with self._mutex:
                     lease.state = RELEASED
                     self._renewing.discard(lease)
-            self._give_back(keys, prefix, name)
+            self._give_back(keys, prefix if lease is None else lease.prefix)
             raise
         return handle
 
-    def _give_back(self, keys: list[str], prefix: str, name: str) -> None:
-        """Delete the key if our token holds it (a try whose outcome we did not see)."""
+    def _give_back(self, keys: list[str], prefix: str) -> None:
+        """Release the key if `prefix` holds it (a try whose outcome we did not see)."""
         with contextlib.suppress(RedisError, OSError, _Timeout, _Aborted):
             self._connect()[2](
-                keys=[keys[0], keys[2], self.wake_key(name)], args=[prefix, self._ttl_ms]
+                keys=[keys[0], keys[2], keys[4], keys[1]],
+                args=[prefix, self._ttl_ms, secrets.token_hex(16), keys[3].rsplit(":", 1)[1]],
             )
 
     def _bound_text(self, bound: float | None) -> str:
@@ -837,6 +895,7 @@ class RedisBackend:
             self.fence_key(name),
             self.queue_key(name),
             f"{self._namespace}:me:{token}",
+            self.wake_key(name),
         ]
 
     # -- release -------------------------------------------------------------------------------
@@ -859,10 +918,12 @@ class RedisBackend:
         if lease.pid != os.getpid():
             lease.state = RELEASED
             return
-        keys = [lease.key, self.queue_key(lease.name), self.wake_key(lease.name)]
+        name = lease.name
+        keys = [lease.key, self.queue_key(name), self.wake_key(name), self.fence_key(name)]
         try:
             scripts = self._connect()
-            result = scripts[2](keys=keys, args=[lease.prefix, self._ttl_ms])
+            args = [lease.prefix, self._ttl_ms, secrets.token_hex(16), lease.member]
+            result = scripts[2](keys=keys, args=args)
             retried = bool(getattr(self._tls, "retried", False))
         except (_Timeout, RedisError, OSError) as exc:
             lease.state = RELEASED
@@ -901,7 +962,7 @@ class RedisBackend:
                     target=self._renewer, name="proclock-redis-renewal", daemon=True
                 )
                 self._thread.start()
-            elif idle:
+            elif idle or lease.claim:
                 # It waits _IDLE_EXIT for work: wake it, or this lease is not renewed in time.
                 # (Otherwise it waits for an earlier due time than this lease's: no need.)
                 self._wake.notify()
@@ -934,6 +995,7 @@ class RedisBackend:
         scripts = self._scripts
         sent = _clock()
         result, failure = None, None
+        claim = lease.claim
         left = lease.expires - sent
         try:
             if left <= 0:
@@ -941,7 +1003,9 @@ class RedisBackend:
             if scripts is None:
                 raise redis.ConnectionError("no client")
             bound = min(left, self._connect_timeout, self._ttl / 3)
-            result = scripts[1](keys=[lease.key], args=[lease.prefix, self._ttl_ms], bound=bound)
+            args = [lease.prefix, self._ttl_ms, claim, lease.member]
+            keys = [lease.key, self.queue_key(lease.name)]
+            result = scripts[1](keys=keys, args=args, bound=bound)
         except (_Timeout, RedisError, OSError) as exc:
             failure = exc
         now = _clock()
@@ -949,6 +1013,8 @@ class RedisBackend:
             if lease.state != HELD:
                 return
             if result == 1:
+                if lease.claim is claim:
+                    lease.claim = ""
                 lease.expires = sent + self._ttl - _margin(self._ttl)
                 lease.due = sent + self._ttl / 3
                 return
