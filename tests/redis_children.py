@@ -31,3 +31,26 @@ def hold(url, ns, name, ttl, locked, release, report=None):  # noqa: PLR0917
         raise SystemExit(7) from None
     if report is not None:
         report.put(("release", "ok"))
+
+
+def wait_then_hold(url, ns, name, go, got, release, token, tries):  # noqa: PLR0917
+    """Once `go` is set, wait for `name` (ttl 30 s) and hold it until `release` is set.
+
+    `tries` counts this process's attempts (the acquire script's runs) as they are made;
+    `token` gets the fencing token; `got` is set once held.
+    """
+    backend = RedisBackend(url, namespace=ns, ttl=30)
+    backend._connect()
+    real = backend._scripts[0]
+
+    def counting(*args, **kwargs):
+        with tries.get_lock():
+            tries.value += 1
+        return real(*args, **kwargs)
+
+    backend._scripts = (counting, *backend._scripts[1:])
+    go.wait(30)
+    with proclock.ProcessLock(name, backend=backend, timeout=30) as lock:
+        token.value = lock.fencing_token
+        got.set()
+        release.wait(30)

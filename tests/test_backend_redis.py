@@ -122,6 +122,28 @@ def _lease(lock):
     return lock._live()[-1].handle.private
 
 
+def _wait_for_value(make, timeout=10.0, what="value"):
+    deadline = time.monotonic() + timeout
+    while not (value := make()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+    return value
+
+
+def _start_waiter(url, ns, name):
+    """A process that, once `proc.go` is set, waits for lock `name` (ttl 30 s), sets
+    `proc.got` when it holds it, and releases it when the returned event is set."""
+    go, got, release = SPAWN.Event(), SPAWN.Event(), SPAWN.Event()
+    token, tries = SPAWN.Value("q", 0), SPAWN.Value("i", 0)
+    proc = SPAWN.Process(
+        target=redis_children.wait_then_hold,
+        args=(url, ns, name, go, got, release, token, tries),
+    )
+    proc.start()
+    proc.go, proc.got, proc.token, proc.tries = go, got, token, tries
+    return proc, release
+
+
 def _start_holder(url, ns, name, ttl, report=None):
     locked, release = SPAWN.Event(), SPAWN.Event()
     proc = SPAWN.Process(
@@ -292,6 +314,91 @@ def test_a_waiter_is_woken_by_the_release(url, ns, admin):
     backend.release(got["handle"])
     assert got["at"] - released_at < 0.5  # not the 30 s PTTL: the release woke it
     assert admin.zcard(backend.queue_key("handoff")) == 0  # the winner left the queue
+
+
+def _blocked(admin, name):
+    """Whether a client named `name` is blocked in a BLPOP (Redis will serve it a push)."""
+    return any(
+        c.get("name") == name and c.get("cmd") == "blpop" and "b" in c.get("flags", "")
+        for c in admin.client_list()
+    )
+
+
+def _counting_tries(backend):
+    tries = []
+    backend._connect()
+    real = backend._scripts[0]
+
+    def counting(*args, **kwargs):
+        tries.append(1)
+        return real(*args, **kwargs)
+
+    backend._scripts = (counting, *backend._scripts[1:])
+    return tries
+
+
+def test_a_release_hands_the_lock_to_the_waiter_and_no_newcomer_barges_in(url, ns, admin):
+    # The waiter is in another process (a client name of its own, to see it blocked).
+    proc, release_waiter = _start_waiter(url, ns, "handover")
+    backend = RedisBackend(url, namespace=ns, ttl=30)
+    spec = ProcessLock("handover", backend=backend).spec
+    try:
+        holding = _wait_for_value(lambda: backend.try_acquire(spec), what="the first hold")
+        proc.go.set()
+        _wait_for(lambda: _blocked(admin, f"proclock-{proc.pid}"), what="the waiter blocked")
+        tries = _counting_tries(backend)
+        waiter_tries = proc.tries.value
+        backend.release(holding)
+        # At once, before the waiter could even read its reply: the lock is not free.
+        assert backend.try_acquire(spec) is None
+        assert len(tries) == 1
+        assert proc.got.wait(10), "the waiter was not handed the lock"
+        assert proc.tries.value == waiter_tries  # handed over: no attempt after the release
+        holder = _wait_for_value(
+            lambda: (h := backend.holder(spec)) is not None and h.pid is not None and h,
+            what="the waiter's claim",
+        )
+        assert holder.pid == proc.pid  # its own value, written over the releaser's placeholder
+        assert proc.token.value > holding.fencing_token
+        assert admin.zcard(backend.queue_key("handover")) == 0
+    finally:
+        release_waiter.set()
+        proc.join(10)
+    assert backend.holder(spec) is None
+
+
+def test_a_ticket_nobody_took_leaves_the_lock_free(url, ns, admin):
+    # A waiter killed while queued leaves a live queue entry: the release hands the lock to
+    # it, and nobody is blocked to take it. The lock is free for the next attempt all the same.
+    proc, _release = _start_waiter(url, ns, "orphan")
+    backend = RedisBackend(url, namespace=ns, ttl=30)
+    spec = ProcessLock("orphan", backend=backend).spec
+    holding = _wait_for_value(lambda: backend.try_acquire(spec), what="the first hold")
+    proc.go.set()
+    _wait_for(lambda: _blocked(admin, f"proclock-{proc.pid}"), what="the waiter blocked")
+    proc.kill()
+    proc.join(10)
+    _wait_for(lambda: not _blocked(admin, f"proclock-{proc.pid}"), what="the waiter gone")
+    assert admin.zcard(backend.queue_key("orphan")) == 1
+    backend.release(holding)
+    assert admin.llen(backend.wake_key("orphan")) == 1  # a ticket for nobody
+    assert backend.holder(spec) is None
+    again = backend.try_acquire(spec)
+    assert again is not None
+    assert again.fencing_token > holding.fencing_token
+    assert admin.llen(backend.wake_key("orphan")) == 0  # withdrawn: nobody can pop it later
+    backend.release(again)
+
+
+def test_the_last_waiter_leaving_withdraws_a_ticket_nobody_took(backend, admin, ns):
+    # Set up by hand: a placeholder lease, its ticket unpopped, one live waiter that leaves.
+    key, wake, queue = f"{ns}:lock:left", backend.wake_key("left"), backend.queue_key("left")
+    admin.set(key, '{"token":"t1","handoff":true,"fence":7}', px=30_000)
+    admin.rpush(wake, "t1:7")
+    admin.zadd(queue, {"w1": time.time() * 1000 + 30_000})
+    backend._leave("left", "w1")
+    assert admin.exists(key, wake) == 0
+    assert admin.zcard(queue) == 0
 
 
 def test_sigkill_of_the_holder_frees_the_lock_when_its_lease_runs_out(url, ns):

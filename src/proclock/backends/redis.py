@@ -104,13 +104,18 @@ def _margin(ttl: float) -> float:
     return ttl / 20 + 0.02
 
 
-# KEYS: lock, fence, queue, me. ARGV: token prefix, rest of the value up to '"fence":', ttl
-# in ms, token, queue entry ms (0: do not queue), queue key ms.
+# KEYS: lock, fence, queue, me, wake. ARGV: token prefix, rest of the value up to '"fence":',
+# ttl in ms, token, queue entry ms (0: do not queue), queue key ms.
 # Returns {fence, 0, 0} to the winner, {0, pttl of the holder, last fence issued} otherwise.
 # Idempotent for one token (a retry after a dropped connection finds its own win); a token is
-# issued only to a winner.
+# issued only to a winner. A ticket still in the wake list was handed to nobody (no waiter was
+# blocked: it died, or is between two waits): the lock is free, and the ticket is withdrawn.
 _ACQUIRE = """
 local v = redis.call('GET', KEYS[1])
+if v and string.find(v, '"handoff":true', 1, true) and redis.call('LLEN', KEYS[5]) > 0 then
+  redis.call('DEL', KEYS[5])
+  v = false
+end
 if v then
   if string.sub(v, 1, #ARGV[1]) == ARGV[1] then
     if ARGV[5] ~= '0' then
@@ -811,7 +816,7 @@ class RedisBackend:
         sent = _clock()
         try:
             try:
-                reply = scripts[0](keys=keys[:4], args=args, bound=bound, wait=blpop, abort=abort)
+                reply = scripts[0](keys=keys, args=args, bound=bound, wait=blpop, abort=abort)
             except _Timeout as exc:
                 if exc.args[0] >= 1 and blpop is not None:  # the try answered, the BLPOP not
                     reply = exc.args[1][0]
@@ -832,7 +837,7 @@ class RedisBackend:
             ttl = self._ttl
             if not fence:
                 pttl = int(pttl)
-                popped = reply[3] if len(reply) > 3 else None
+                popped = None if wait is None else reply[3]
                 if popped is None or popped[0].decode() != keys[4]:
                     ends = self._ends
                     if len(ends) > _ENDS_MAX:
@@ -1056,6 +1061,11 @@ class RedisBackend:
             meta = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             meta = None
+        if isinstance(meta, dict) and meta.get("handoff") is True:
+            if self._command("LLEN", self.wake_key(name)):
+                return None  # a ticket nobody took: the next attempt takes the lock
+            # Being handed over: the waiter it went to writes its own value within a round trip.
+            return Holder(None, name=name)
         if not isinstance(meta, dict):
             return Holder(None, name=name)  # a value not written by proclock
 
