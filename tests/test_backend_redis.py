@@ -12,6 +12,7 @@ starts a private `redis-server` of its own (the shared one is never stopped).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -610,6 +611,34 @@ def test_redis_unreachable_past_the_lease_end_is_a_loss(private_redis):
     assert info.value is not errors[0]
     assert info.value.reason == errors[0].reason
     assert len(errors) == 1
+
+
+def test_a_round_trip_that_starts_past_its_deadline_fails_as_a_timeout(backend, monkeypatch):
+    # A slow thread can reach the connect after its deadline: the socket timeout must not go
+    # negative (a ValueError that ended the renewal thread, and with it every loss report).
+    import proclock.backends.redis as module
+
+    backend._connect()
+    ticks = iter([100.0])
+    monkeypatch.setattr(module, "_clock", lambda: next(ticks, 200.0))
+    with contextlib.suppress(module._Timeout, redis.RedisError, OSError):
+        backend._round_trip([("PING",)], 0.5)
+
+
+def test_a_renewal_that_fails_in_any_way_still_ends_in_a_loss_report(url, ns):
+    lost = threading.Event()
+    backend = RedisBackend(url, namespace=ns, ttl=0.3)
+    lock = ProcessLock("odd", backend=backend, on_lost=lambda _error: lost.set())
+    lock.acquire()
+
+    def broken(*args, **kwargs):
+        msg = "not an error the renewal expects"
+        raise RuntimeError(msg)
+
+    backend._scripts = (backend._scripts[0], broken, *backend._scripts[2:])
+    assert lost.wait(10), "the renewal thread died: the loss was never reported"
+    with pytest.raises(LockLostError):
+        lock.release()
 
 
 # -- interruptions ---------------------------------------------------------------------------

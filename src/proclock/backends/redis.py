@@ -20,8 +20,14 @@ Keys, for a lock named N in namespace S (names are used verbatim: readable and i
   cannot be). Tokens stay below 2^53 (exact in Lua's doubles) until the year 2255.
 - ``S:queue:N`` the waiters: a sorted set of their tokens, each scored with the server time
   (ms) past which it counts as gone (a waiter that died leaves by itself).
-- ``S:wake:N``  the wake-up list: a release with live waiters pushes one element, and BLPOP
-  hands it to exactly one of them (Redis serves blocked clients first come, first served).
+- ``S:wake:N``  the ticket: a release with live waiters does not free the lease but hands it
+  over: the key gets a placeholder value under a new token and fencing token, and the ticket
+  (that token and fence) is pushed here. BLPOP hands it to exactly one waiter (Redis serves
+  blocked clients first come, first served, and never one that has disconnected), which then
+  holds the lease and writes its own value over the placeholder (its claim, by the renewal
+  thread, at once). A ticket nobody was blocked to take stays in the list: the next attempt
+  withdraws it and takes the lock as if it were free, and the last waiter to leave the queue
+  frees it. The list expires 1 ms before the placeholder lease, so a ticket never outlives it.
   ``S:me:<token>`` is pushed by a waiter's own winning try, so that the BLPOP pipelined
   behind it returns at once.
 
@@ -45,9 +51,13 @@ the fan-out of a loss; this is the primitive only):
   its proof if no renewal came back: before the key can expire on the server, so before any
   other client can take it. (A server crash or restart frees every key at once: no holder can
   learn that first; fencing tokens still increase.)
-- **No herd.** A release wakes one waiter; a waiter that is woken and loses to a newcomer
-  waits again. A waiter's BLPOP lasts at most what is left of the holder's lease (or the ttl),
-  so a holder that died is noticed when its lease runs out.
+- **No herd, no barging.** A release hands the lease to one waiter, in the order the waiters
+  blocked; the lock is never free in between, so a newcomer cannot take it from under the
+  woken waiter, and a handoff costs that waiter no attempt: one round trip per handoff (the
+  release's). A waiter's BLPOP lasts at most what is left of the holder's lease (or the ttl),
+  so a holder that died is noticed when its lease runs out. A ticket whose reply never reached
+  its waiter (a wait cancelled, or interrupted, in the very instant Redis served it) leaves
+  the lock held until the ticket's lease ends, as a waiter killed after being served does.
 - Release deletes the key only if it still holds our token. An interruption (Ctrl-C) between
   the server's grant and the return of the handle gives the lease back; one during release
   leaves it to be redone.
@@ -405,9 +415,10 @@ class RedisBackend:
     holder): use PostgreSQL for shared=True.
     """
 
-    # WAIT_ANY: a wait is woken by a release (one waiter per release), or when the holder's
-    # lease runs out (its PTTL: a timer, not a poll), and cancelling acquire_async withdraws
-    # it: a semaphore's head waits for any of its slots with one such wait per slot.
+    # WAIT_ANY: a wait ends when a release hands it the lease (one waiter per release), or
+    # when the holder's lease runs out (its PTTL: a timer, not a poll), and cancelling
+    # acquire_async withdraws it: a semaphore's head waits for any of its slots with one such
+    # wait per slot.
     capabilities = frozenset((FENCING, LOSS, WAIT_ANY))
 
     def __init__(
@@ -481,7 +492,7 @@ class RedisBackend:
         return f"{self._namespace}:queue:{name}"
 
     def wake_key(self, name: str) -> str:
-        """The list a release pushes one wake-up onto for the next waiter of `name`."""
+        """The list a release pushes the ticket onto that hands `name` to its next waiter."""
         return f"{self._namespace}:wake:{name}"
 
     def location(self, spec: LockSpec) -> str:
@@ -584,7 +595,8 @@ class RedisBackend:
                 reused = False
             skip = 0
             if conn._sock is None:
-                conn.socket_connect_timeout = conn.socket_timeout = end - _clock()
+                # Clamped: past the deadline already (a slow thread), connect fails at once.
+                conn.socket_connect_timeout = conn.socket_timeout = max(end - _clock(), 0.0001)
                 conn.connect()
                 loads = [("SCRIPT", "LOAD", source) for source in _SOURCES]
                 commands, skip = [*loads, *commands], len(loads)
@@ -676,8 +688,8 @@ class RedisBackend:
         """Wait for the lease until `deadline` (monotonic; None: forever); None if it passed.
 
         Each cycle is one round trip: the try (which queues this waiter if the lock is held)
-        and a BLPOP behind it, which a release (one waiter per release), our own winning try,
-        the holder's lease running out or the deadline ends.
+        and a BLPOP behind it, which a release handing us the lease (one waiter per release),
+        our own winning try, the holder's lease running out or the deadline ends.
         """
         name = _name(spec)
         token = secrets.token_hex(16)  # one token for every try of this wait: `_try` is idempotent
@@ -723,13 +735,13 @@ class RedisBackend:
             self._leave(name, token)
             return None
         except _WaitTimedOut:
-            # The BLPOP's reply did not come by the deadline: a timeout (a wake-up it may
-            # have taken is passed on, in the background).
+            # The BLPOP's reply did not come by the deadline: a timeout (leaving the queue, in
+            # the background).
             self._leave(name, token, background=True)
             return None
 
     def _leave(self, name: str, token: str, *, background: bool = False) -> None:
-        """Leave the queue, passing on a wake-up this waiter may have taken (best effort)."""
+        """Leave the queue; the last waiter to leave frees a ticket nobody took (best effort)."""
         keys = [self.key(name), self.queue_key(name), self.wake_key(name)]
         script = self._connect()[3]
 
@@ -1006,12 +1018,14 @@ class RedisBackend:
             if left <= 0:
                 raise _Timeout(0, [])  # noqa: TRY301  (the proof ran out: not even a try)
             if scripts is None:
-                raise redis.ConnectionError("no client")
+                raise redis.ConnectionError("no client")  # noqa: TRY301  (a failure like any other)
             bound = min(left, self._connect_timeout, self._ttl / 3)
             args = [lease.prefix, self._ttl_ms, claim, lease.member]
             keys = [lease.key, self.queue_key(lease.name)]
             result = scripts[1](keys=keys, args=args, bound=bound)
-        except (_Timeout, RedisError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001  (any failure is a renewal that did not come back)
+            # Caught whole: an error escaping here would end the renewal thread, and with it
+            # the renewal and the loss report of every lease of this backend.
             failure = exc
         now = _clock()
         with self._mutex:
