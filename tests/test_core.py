@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import threading
@@ -126,6 +127,51 @@ def test_past_the_parked_bound_a_timed_wait_polls_and_still_gets_the_lock(lock_d
         second.join(30)
     assert errors == []
     assert sorted(got) == ["parked", "polling"]
+
+
+@pytest.mark.timeout(30)
+def test_the_first_two_parked_waits_of_a_process_both_reach_a_helper(lock_dir, monkeypatch):
+    # The job queue is made at the first parked wait. Two threads parking at once both found
+    # none and made one each; a job put into the overwritten queue never reached a helper
+    # (seen as a contract test hanging once in a few dozen runs under load).
+    import _queue
+
+    monkeypatch.setattr(flock_backend, "_jobs", None)
+    monkeypatch.setattr(flock_backend, "_helpers_idle", 0)
+    both = threading.Barrier(2)
+    real = _queue.SimpleQueue
+
+    class Meeting:
+        """A queue whose making waits (a while at most) until the other thread makes one."""
+
+        def __new__(cls):
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both.wait(0.5)
+            return real()
+
+    monkeypatch.setattr(_queue, "SimpleQueue", Meeting)
+    got, errors = [], []
+
+    def waiter(tag):
+        try:
+            with ProcessLock("first-parked", timeout=5):
+                got.append(tag)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with held_by_another_description("first-parked") as fd:
+        threads = [threading.Thread(target=waiter, args=(tag,)) for tag in ("a", "b")]
+        for thread in threads:
+            thread.start()
+        assert wait_until(lambda: flock_backend._jobs is not None)
+        location = os.path.realpath(lock_path("first-parked"))
+        assert wait_until(lambda: _core.snapshot().get(location, {}).get("waiters") == 2)
+        monkeypatch.setattr(_queue, "SimpleQueue", real)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        for thread in threads:
+            thread.join(20)
+    assert errors == []
+    assert sorted(got) == ["a", "b"]
 
 
 def test_a_timed_wait_past_the_bound_times_out_on_time(lock_dir, monkeypatch):

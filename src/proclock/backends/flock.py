@@ -888,7 +888,12 @@ def _dispatch(parked: _Parked) -> None:
     if _jobs is None:
         from _queue import SimpleQueue  # noqa: PLC0415  (queue.SimpleQueue, without queue.py)
 
-        _jobs = SimpleQueue()
+        # Made once, under the lock: two threads parking their first waits at once would each
+        # make a queue (the import lets go of the GIL), and a job put into the one overwritten
+        # would never reach a helper: its waiter would sleep to its deadline, or forever.
+        with _park_lock:
+            if _jobs is None:
+                _jobs = SimpleQueue()
     with _park_lock:
         spare = _helpers_idle > 0
         if spare:
