@@ -349,6 +349,7 @@ def test_a_release_hands_the_lock_to_the_waiter_and_no_newcomer_barges_in(url, n
         _wait_for(lambda: _blocked(admin, f"proclock-{proc.pid}"), what="the waiter blocked")
         tries = _counting_tries(backend)
         waiter_tries = proc.tries.value
+        released_at = time.time()
         backend.release(holding)
         # At once, before the waiter could even read its reply: the lock is not free.
         assert backend.try_acquire(spec) is None
@@ -360,6 +361,7 @@ def test_a_release_hands_the_lock_to_the_waiter_and_no_newcomer_barges_in(url, n
             what="the waiter's claim",
         )
         assert holder.pid == proc.pid  # its own value, written over the releaser's placeholder
+        assert holder.acquired_at >= released_at - 0.05  # when it was handed the lock
         assert proc.token.value > holding.fencing_token
         assert admin.zcard(backend.queue_key("handover")) == 0
     finally:

@@ -863,7 +863,7 @@ class RedisBackend:
                 if int(fence) <= int(reply[2]):
                     ttl = pttl / 1000
                 prefix = f'{{"token":"{ticket}",'
-                claim = f"{prefix}{rest}{fence}}}"
+                claim = f"{prefix}{self._value_parts(name, token)[1]}{fence}}}"  # acquired now
             lease = _Lease(keys[0], name, prefix, sent, ttl)
             lease.member = token
             if claim is not None:
