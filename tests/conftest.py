@@ -13,6 +13,12 @@ import pytest
 
 import proclock
 
+# The suite starts a few hundred interpreters (spawned children, CLI runs). Let them compile
+# proclock and the test helpers once and reuse the bytecode: with PYTHONDONTWRITEBYTECODE set
+# (some images set it) each child compiled them again, a quarter of the suite's time.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
+
 SPAWN = multiprocessing.get_context("spawn")
 POSTGRES_URL = os.environ.get(
     "PROCLOCK_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
