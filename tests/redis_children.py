@@ -54,3 +54,59 @@ def wait_then_hold(url, ns, name, go, got, release, token, tries):  # noqa: PLR0
         token.value = lock.fencing_token
         got.set()
         release.wait(30)
+
+
+def churn(url, ns, name, marker, seconds, seed, out):  # noqa: PLR0917
+    """Take `name` for `seconds` in every way at once: waiting forever, short timeouts, and
+    coroutines cancelled mid-wait. Report ("ok", n), overlaps seen through `marker` (a file
+    only a holder may create), timeouts, cancellations and the longest wait without timeout.
+    """
+    import asyncio
+    import os
+    import random
+    import time
+
+    rnd = random.Random(seed)  # noqa: S311  (a reproducible mix, not a secret)
+    backend = RedisBackend(url, namespace=ns, ttl=2)
+    stats = {"ok": 0, "timeouts": 0, "cancels": 0, "overlaps": 0, "longest": 0.0}
+
+    def critical():
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            stats["overlaps"] += 1
+            return
+        os.close(fd)
+        os.unlink(marker)
+        stats["ok"] += 1
+
+    async def cancelled_or_held(lock):
+        try:
+            await asyncio.wait_for(lock.acquire_async(), rnd.choice([0.0005, 0.002, 0.01]))
+        except TimeoutError:
+            stats["cancels"] += 1
+            return
+        try:
+            critical()
+        finally:
+            lock.release()
+
+    loop = asyncio.new_event_loop()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        kind = rnd.random()
+        timeout = rnd.choice([None, 0.001, 0.01]) if kind < 0.6 else None
+        lock = proclock.ProcessLock(name, backend=backend, timeout=timeout)
+        if kind >= 0.8:
+            loop.run_until_complete(cancelled_or_held(lock))
+            continue
+        start = time.monotonic()
+        try:
+            with lock:
+                if timeout is None:
+                    stats["longest"] = max(stats["longest"], time.monotonic() - start)
+                critical()
+        except proclock.LockTimeoutError:
+            stats["timeouts"] += 1
+    loop.close()
+    out.put(stats)

@@ -55,9 +55,11 @@ the fan-out of a loss; this is the primitive only):
   blocked; the lock is never free in between, so a newcomer cannot take it from under the
   woken waiter, and a handoff costs that waiter no attempt: one round trip per handoff (the
   release's). A waiter's BLPOP lasts at most what is left of the holder's lease (or the ttl),
-  so a holder that died is noticed when its lease runs out. A ticket whose reply never reached
-  its waiter (a wait cancelled, or interrupted, in the very instant Redis served it) leaves
-  the lock held until the ticket's lease ends, as a waiter killed after being served does.
+  so a holder that died is noticed when its lease runs out. A ticket served to a wait that
+  gave up meanwhile is passed on: a timed-out wait's late reply is read by a thread of its own
+  (`_exchange`'s `late`), and a cancelled one is ended by CLIENT UNBLOCK (`_Abort`), not by
+  closing its socket. Only a waiter killed (or interrupted by Ctrl-C) in that instant leaves
+  the lock held until the ticket's lease ends.
 - Release deletes the key only if it still holds our token. An interruption (Ctrl-C) between
   the server's grant and the return of the handle gives the lease back; one during release
   leaves it to be redone.
@@ -288,7 +290,7 @@ class _Timeout(Exception):  # noqa: N818
 
 
 class _Aborted(Exception):  # noqa: N818
-    """A wait was withdrawn (an async task cancelled): its socket was shut down."""
+    """A wait was withdrawn (an async task cancelled)."""
 
 
 class _Script:
@@ -313,10 +315,12 @@ class _Script:
         bound: float | None = None,
         wait: tuple[Sequence[str], float, float] | None = None,
         abort: _Abort | None = None,
+        late: Callable[[Any], None] | None = None,
     ) -> Any:
         """EVALSHA (and a BLPOP behind it: `wait` = keys, seconds, read bound); its reply.
 
-        With `wait`, the reply is the script's with the BLPOP's appended.
+        With `wait`, the reply is the script's with the BLPOP's appended; `late` gets a BLPOP
+        reply that came past its read bound (see `_exchange`).
         """
         backend = self.backend
         command: tuple[Any, ...] = ("EVALSHA", self.sha, len(keys), *keys, *args)
@@ -326,7 +330,7 @@ class _Script:
                     return backend._round_trip([command], bound)[0]
                 wait_keys, seconds, read_bound = wait
                 blpop = ("BLPOP", *wait_keys, f"{seconds:.3f}")
-                replies = backend._round_trip([command, blpop], bound, read_bound, abort)
+                replies = backend._round_trip([command, blpop], bound, read_bound, abort, late)
                 return [*replies[0], replies[1]]
             except NoScriptError:
                 command = ("EVAL", self.source, len(keys), *keys, *args)
@@ -337,21 +341,48 @@ class _Script:
 class _Abort:
     """A handle on a wait in progress, so that another thread can withdraw it."""
 
-    __slots__ = ("conn", "mutex", "set")
+    __slots__ = ("backend", "conn", "mutex", "set")
 
-    def __init__(self) -> None:
+    def __init__(self, backend: RedisBackend) -> None:
+        self.backend = backend
         self.mutex = threading.Lock()
         self.set = False
         self.conn: Any = None
 
     def fire(self) -> None:
+        """Withdraw the wait (from any thread, without blocking it): see `_withdraw`."""
         with self.mutex:
             self.set = True
             conn = self.conn
-        sock = getattr(conn, "_sock", None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        if conn is not None:
+            threading.Thread(
+                target=self._withdraw, args=(conn,), name="proclock-redis-unblock", daemon=True
+            ).start()
+
+    def _withdraw(self, conn: Any) -> None:
+        """End the wait's BLPOP with CLIENT UNBLOCK from another connection.
+
+        The BLPOP then returns nothing, or the ticket Redis served it just before, which its
+        thread reads and gives back: a handoff is never lost to a cancellation. Only if Redis
+        cannot unblock it within `connect_timeout` (unreachable, or the BLPOP never arrives)
+        is the socket shut down.
+        """
+        backend, client_id = self.backend, getattr(conn, "proclock_id", None)
+        end = _clock() + backend._connect_timeout
+        pause = 0.001
+        while client_id is not None and self.conn is conn and _clock() < end:
+            try:
+                if backend._command("CLIENT", "UNBLOCK", client_id) == 1:
+                    return
+            except BackendUnavailableError:
+                break
+            time.sleep(pause)  # not blocked yet (its BLPOP on the way), or already answered
+            pause = min(pause * 2, 0.05)
+        if self.conn is conn:
+            sock = getattr(conn, "_sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 _INSTANCES: weakref.WeakSet[RedisBackend] = weakref.WeakSet()
@@ -550,22 +581,26 @@ class RedisBackend:
         bound: float | None,
         last_bound: float | None = None,
         abort: _Abort | None = None,
+        late: Callable[[Any], None] | None = None,
     ) -> list[Any]:
         """Send `commands` in one write; their replies, each read by its deadline.
 
         Every reply but the last must come within `bound` (default `connect_timeout`) of the
         start, connecting included; the last within `last_bound` if given. No reply in time:
-        `_Timeout`, and the connection is closed (its late reply must reach nobody). A pooled
-        connection the server closed (a restart, CLIENT KILL) is retried once on a fresh one.
+        `_Timeout`, and the connection is closed (its late reply must reach nobody), except
+        that with `late`, a last reply still to come is read by a thread of its own (within
+        `connect_timeout`) and given to `late` there: a BLPOP served a ticket just as its
+        waiter gave up is passed on, not lost. A pooled connection the server closed (a
+        restart, CLIENT KILL) is retried once on a fresh one.
         """
         self._connect()
         self._tls.retried = False
         try:
-            return self._exchange(commands, bound, last_bound, abort, fresh=False)
+            return self._exchange(commands, bound, last_bound, abort, late, fresh=False)
         except (redis.ConnectionError, ConnectionError) as exc:
             if isinstance(exc, _Retryable):
                 self._tls.retried = True
-                return self._exchange(commands, bound, last_bound, abort, fresh=True)
+                return self._exchange(commands, bound, last_bound, abort, late, fresh=True)
             raise
 
     def _exchange(  # noqa: PLR0915  (one exchange, each failure named where it happens)
@@ -574,6 +609,7 @@ class RedisBackend:
         bound: float | None,
         last_bound: float | None,
         abort: _Abort | None,
+        late: Callable[[Any], None] | None,
         *,
         fresh: bool,
     ) -> list[Any]:
@@ -598,7 +634,8 @@ class RedisBackend:
                 # Clamped: past the deadline already (a slow thread), connect fails at once.
                 conn.socket_connect_timeout = conn.socket_timeout = max(end - _clock(), 0.0001)
                 conn.connect()
-                loads = [("SCRIPT", "LOAD", source) for source in _SOURCES]
+                # Its client id (for CLIENT UNBLOCK, see _Abort) and the scripts.
+                loads = [("CLIENT", "ID"), *(("SCRIPT", "LOAD", source) for source in _SOURCES)]
                 commands, skip = [*loads, *commands], len(loads)
             sock = conn._sock
             try:
@@ -609,18 +646,29 @@ class RedisBackend:
                     raise _Retryable(str(exc)) from exc
                 raise
             for i in range(len(commands)):
-                until = last_end if i == len(commands) - 1 else end
+                last = i == len(commands) - 1
+                until = last_end if last else end
                 sock.settimeout(max(until - _clock(), 0.0001))
                 try:
-                    reply = conn.read_response()
+                    # Kept open past a timeout of a reply `late` is to read (redis-py would
+                    # close it, and a ticket Redis served just then would reach nobody).
+                    reply = conn.read_response(disconnect_on_error=not (last and late))
                 except redis.ResponseError as exc:  # read whole: the connection is clean
                     reply = None
                     error = error or exc
                 if i >= skip:
                     replies.append(reply)
+                elif i == 0:
+                    conn.proclock_id = reply
         except (redis.TimeoutError, TimeoutError) as exc:
-            conn.disconnect()
-            if abort is not None and abort.set:
+            aborted = abort is not None and abort.set
+            if late is not None and not aborted and len(replies) == len(commands) - skip - 1:
+                threading.Thread(
+                    target=self._drain, args=(conn, late), name="proclock-redis-drain", daemon=True
+                ).start()
+            else:
+                conn.disconnect()
+            if aborted:
                 raise _Aborted from exc
             raise _Timeout(len(replies), replies) from exc
         except (RedisError, OSError) as exc:
@@ -639,6 +687,18 @@ class RedisBackend:
         if error is not None:
             raise error
         return replies
+
+    def _drain(self, conn: Any, late: Callable[[Any], None]) -> None:
+        """Read the reply that came too late for its caller, and hand it to `late`."""
+        try:
+            conn._sock.settimeout(self._connect_timeout)
+            reply = conn.read_response()
+        except BaseException:  # noqa: BLE001  (nothing to hand on: the connection is dropped)
+            conn.disconnect()
+            return
+        self._give(conn)
+        with contextlib.suppress(Exception):
+            late(reply)
 
     def _command(self, *args: Any) -> Any:
         """One plain command within `connect_timeout`; BackendUnavailableError otherwise."""
@@ -698,6 +758,7 @@ class RedisBackend:
             won = self._try(name, token, None)  # timeout=0: one attempt, connect_timeout
             return None if isinstance(won, int) else won
         first = True
+        queued = False  # a try of a cycle entered the queue: leave it on giving up
         # When the holder's lease ends, as last seen by any waiter of this backend: a cycle's
         # BLPOP lasts until then at most (a holder that died publishes nothing). Unknown, a
         # plain try learns it first.
@@ -714,6 +775,8 @@ class RedisBackend:
                 now = _clock()
                 left = None if deadline is None else deadline - now
                 if left is not None and left <= 0:
+                    if queued:
+                        self._leave(name, token, background=True)
                     return None
                 wait = self._ttl
                 if ends is not None and ends > now:
@@ -730,6 +793,7 @@ class RedisBackend:
                 won = self._try(name, token, bound, (wait, read_bound), abort)
                 if not isinstance(won, int):
                     return won
+                queued = True
                 ends = self._ends.get(name)
         except _Aborted:
             self._leave(name, token)
@@ -765,7 +829,7 @@ class RedisBackend:
 
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Handle | None] = loop.create_future()
-        abort = _Abort()
+        abort = _Abort(self)
 
         def run() -> None:
             try:
@@ -825,16 +889,29 @@ class RedisBackend:
         queue_ms = 0 if wait is None else round((wait[0] + _QUEUE_SLACK) * 1000)
         args = [prefix, rest, self._ttl_ms, token, queue_ms, self._ttl_ms * 2 + 2000]
         blpop = None if wait is None else ([keys[3], keys[4]], wait[0], wait[1])
+
+        def late(popped: Any) -> None:
+            # A ticket served as this wait gave up: handed on to the next waiter, or freed.
+            if popped is not None and popped[0].decode() == keys[4]:
+                ticket = popped[1].decode().split(":")[0]
+                self._give_back(keys, f'{{"token":"{ticket}",')
+
         sent = _clock()
         try:
             try:
-                reply = scripts[0](keys=keys, args=args, bound=bound, wait=blpop, abort=abort)
+                reply = scripts[0](
+                    keys=keys, args=args, bound=bound, wait=blpop, abort=abort, late=late
+                )
             except _Timeout as exc:
                 if exc.args[0] >= 1 and blpop is not None:  # the try answered, the BLPOP not
                     reply = exc.args[1][0]
                     if not reply[0]:
                         raise _WaitTimedOut from None
                     # won: the BLPOP's reply is moot
+                elif blpop is not None and bound is not None and bound < _MIN_ATTEMPT:
+                    # A later cycle of a timed wait, near its end: the deadline came before
+                    # the server had a fair time to answer (it answered this wait before).
+                    raise _WaitTimedOut from None
                 else:
                     raise self._unavailable(f"no reply within {self._bound_text(bound)}") from None
             except _Aborted as exc:
