@@ -33,6 +33,18 @@ def hold(url, ns, name, ttl, locked, release, report=None):  # noqa: PLR0917
         report.put(("release", "ok"))
 
 
+def count_attempts(backend, count):
+    """Have `count()` called at each attempt of `backend` (each run of its acquire script)."""
+    backend._connect()
+    real = backend._scripts[0]
+
+    def counting(*args, **kwargs):
+        count()
+        return real(*args, **kwargs)
+
+    backend._scripts = (counting, *backend._scripts[1:])
+
+
 def wait_then_hold(url, ns, name, go, got, release, token, tries):  # noqa: PLR0917
     """Once `go` is set, wait for `name` (ttl 30 s) and hold it until `release` is set.
 
@@ -40,15 +52,12 @@ def wait_then_hold(url, ns, name, go, got, release, token, tries):  # noqa: PLR0
     `token` gets the fencing token; `got` is set once held.
     """
     backend = RedisBackend(url, namespace=ns, ttl=30)
-    backend._connect()
-    real = backend._scripts[0]
 
-    def counting(*args, **kwargs):
+    def count():
         with tries.get_lock():
             tries.value += 1
-        return real(*args, **kwargs)
 
-    backend._scripts = (counting, *backend._scripts[1:])
+    count_attempts(backend, count)
     go.wait(30)
     with proclock.ProcessLock(name, backend=backend, timeout=30) as lock:
         token.value = lock.fencing_token

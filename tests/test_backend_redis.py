@@ -325,19 +325,6 @@ def _blocked(admin, name):
     )
 
 
-def _counting_tries(backend):
-    tries = []
-    backend._connect()
-    real = backend._scripts[0]
-
-    def counting(*args, **kwargs):
-        tries.append(1)
-        return real(*args, **kwargs)
-
-    backend._scripts = (counting, *backend._scripts[1:])
-    return tries
-
-
 def test_a_release_hands_the_lock_to_the_waiter_and_no_newcomer_barges_in(url, ns, admin):
     # The waiter is in another process (a client name of its own, to see it blocked).
     proc, release_waiter = _start_waiter(url, ns, "handover")
@@ -347,7 +334,8 @@ def test_a_release_hands_the_lock_to_the_waiter_and_no_newcomer_barges_in(url, n
         holding = _wait_for_value(lambda: backend.try_acquire(spec), what="the first hold")
         proc.go.set()
         _wait_for(lambda: _blocked(admin, f"proclock-{proc.pid}"), what="the waiter blocked")
-        tries = _counting_tries(backend)
+        tries = []
+        redis_children.count_attempts(backend, lambda: tries.append(1))
         waiter_tries = proc.tries.value
         released_at = time.time()
         backend.release(holding)

@@ -229,14 +229,7 @@ def test_a_release_wakes_one_waiter_and_each_waiter_tries_a_few_times_only(serve
     backend = _direct(server, ns, ttl=30)  # a waiter woken by anything but a release: slow
     spec = ProcessLock("herd", backend=backend).spec
     tries = []
-    backend._connect()
-    real = backend._scripts[0]
-
-    def counting(*args, **kwargs):
-        tries.append(1)
-        return real(*args, **kwargs)
-
-    backend._scripts = (counting, *backend._scripts[1:])
+    redis_children.count_attempts(backend, lambda: tries.append(1))
     first = backend.try_acquire(spec)
     waiters = 10
     handles = []

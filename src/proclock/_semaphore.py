@@ -372,18 +372,7 @@ class SemaphoreBackend:
                 return None
             got = self._try_slots(parts)
             return None if got is None else got[1]
-        got = None
-        try:
-            try:
-                self._check_limit(parts, turnstile)
-                got = self._try_slots(parts)
-            finally:
-                inner.release(turnstile)
-        except BaseException:
-            if got is not None:
-                inner.release(got[1])
-            raise
-        return None if got is None else got[1]
+        return self._through(parts, turnstile, None, wait=False)
 
     def acquire(self, spec: LockSpec, deadline: float | None) -> Handle | None:
         """Queue on the turnstile, then wait for any slot, until `deadline` (None: forever)."""
@@ -392,12 +381,23 @@ class SemaphoreBackend:
         turnstile = inner.acquire(parts.turnstile, deadline)
         if turnstile is None:
             return None
+        return self._through(parts, turnstile, deadline, wait=True)
+
+    def _through(
+        self, parts: _Parts, turnstile: Handle, deadline: float | None, *, wait: bool
+    ) -> Handle | None:
+        """Past the turnstile (held): a free slot, or (`wait`) the first one freed by `deadline`.
+
+        The turnstile is given back whatever happens, and a slot taken is given back if an
+        error or an interrupt (Ctrl-C) comes after it was taken.
+        """
+        inner = self.inner
         got = None
         try:
             try:
                 self._check_limit(parts, turnstile)
                 got = self._try_slots(parts)
-                if got is None and (deadline is None or deadline > _clock()):
+                if wait and got is None and (deadline is None or deadline > _clock()):
                     if deadline is None and len(parts.slots) == 1:
                         # One slot: wait in the backend's own blocking wait, as a lock does.
                         handle = inner.acquire(parts.slots[0], None)

@@ -109,19 +109,6 @@ def _collect(
     return None
 
 
-def _poll_any(specs: Sequence[LockSpec], deadline: float | None) -> tuple[int, Handle] | None:
-    """Past PARKED_MAX: LOCK_NB tries of every file with the documented back-off."""
-    pauses = _fl.poll_pauses(deadline)
-    while True:
-        got = try_any(specs)
-        if got is not None:
-            return got
-        pause = next(pauses, None)
-        if pause is None:
-            return None
-        time.sleep(pause)
-
-
 def try_any(specs: Sequence[LockSpec]) -> tuple[int, Handle] | None:
     """One LOCK_NB try of each file in order: the first that is free, held; else None."""
     for i, spec in enumerate(specs):
@@ -138,14 +125,14 @@ def wait_any(specs: Sequence[LockSpec], deadline: float | None) -> tuple[int, Ha
     got = None
     try:
         if not _start_all(specs, event.set, None, attempts):
-            return _poll_any(specs, deadline)
+            return _fl.poll(lambda: try_any(specs), deadline)
         while True:
             event.clear()  # re-armed before the states are read: no grant is missed
             got = _collect(specs, attempts, None)
             if got is not None:
                 return got
             if not any(a is not None for a in attempts):
-                return _poll_any(specs, deadline)
+                return _fl.poll(lambda: try_any(specs), deadline)
             if deadline is None:
                 event.wait()
             else:
@@ -184,14 +171,14 @@ async def wait_any_async(
     got = None
     try:
         if not _start_all(specs, notify, loop, attempts):
-            return await _poll_any_async(specs, deadline, asyncio)
+            return await _fl.poll_async(lambda: try_any(specs), deadline, asyncio)
         while True:
             cell[0] = loop.create_future()  # re-armed before the states are read
             got = _collect(specs, attempts, loop)
             if got is not None:
                 return got
             if not any(a is not None for a in attempts):
-                return await _poll_any_async(specs, deadline, asyncio)
+                return await _fl.poll_async(lambda: try_any(specs), deadline, asyncio)
             remaining = None if deadline is None else deadline - _clock()
             if remaining is not None and remaining <= 0:
                 return None
@@ -211,20 +198,6 @@ def _resolve(cell: list[asyncio.Future[None]]) -> None:
     future = cell[0]
     if not future.done():
         future.set_result(None)
-
-
-async def _poll_any_async(
-    specs: Sequence[LockSpec], deadline: float | None, asyncio: Any
-) -> tuple[int, Handle] | None:
-    pauses = _fl.poll_pauses(deadline)
-    while True:
-        got = try_any(specs)
-        if got is not None:
-            return got
-        pause = next(pauses, None)
-        if pause is None:
-            return None
-        await asyncio.sleep(pause)
 
 
 # -- any backend that declares "wait-any" (PostgreSQL): one wait of its own per lock --------------

@@ -51,12 +51,13 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
     from collections.abc import Callable, Iterator
-    from typing import Any
+    from typing import Any, TypeVar
 
     from .._holder import Holder
     from .._spec import LockSpec
 
     Located = tuple[str, str | None, str]
+    _T = TypeVar("_T")
 
 IDLE_PER_FILE = 4  # idle descriptions kept per lock file
 IDLE_MAX = 256  # idle descriptions kept in all (and at most 1/8 of RLIMIT_NOFILE's soft limit)
@@ -1153,7 +1154,7 @@ def _wait_parked(spec: LockSpec, located: Located, deadline: float) -> Handle | 
         attempt = _Attempt()
         try:
             if not _start_parked(spec, located, waiter.wake, attempt):
-                return _poll(spec, deadline)
+                return poll(lambda: FLOCK.try_acquire(spec), deadline)
             remaining = deadline - _clock()
             if remaining > 0:
                 waiter.wait(remaining)
@@ -1193,7 +1194,7 @@ async def _wait_parked_async(
         attempt = _Attempt()
         try:
             if not _start_parked(spec, located, notify, attempt, loop):
-                return await _poll_async(spec, deadline, asyncio)
+                return await poll_async(lambda: FLOCK.try_acquire(spec), deadline, asyncio)
             remaining = None if deadline is None else deadline - _clock()
             if remaining is None or remaining > 0:
                 # asyncio.wait neither raises on timeout nor cancels the future it watches.
@@ -1214,8 +1215,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
 def poll_pauses(deadline: float | None) -> Iterator[float]:
     """The pauses of the back-off poll past PARKED_MAX, each cut at `deadline` (None: none).
 
-    POLL_FIRST doubling to POLL_MAX; it ends once the deadline has passed. One schedule for
-    every poll: a lock's (`_poll`, `_poll_async`) and a wait for any of several (`_any`).
+    POLL_FIRST doubling to POLL_MAX; it ends once the deadline has passed.
     """
     pause = POLL_FIRST
     while True:
@@ -1226,25 +1226,32 @@ def poll_pauses(deadline: float | None) -> Iterator[float]:
         pause = min(pause * 2, POLL_MAX)
 
 
-def _poll(spec: LockSpec, deadline: float) -> Handle | None:
-    """Past PARKED_MAX: LOCK_NB tries with a bounded back-off until the deadline."""
+def poll(attempt: Callable[[], _T | None], deadline: float | None) -> _T | None:
+    """Past PARKED_MAX: `attempt()` (LOCK_NB tries), paused by `poll_pauses`, until it wins.
+
+    None once the deadline has passed. The one poll of every wait: a lock's (`_wait_parked`)
+    and a wait for any of several (`_any`).
+    """
     pauses = poll_pauses(deadline)
     while True:
-        handle = FLOCK.try_acquire(spec)
-        if handle is not None:
-            return handle
+        got = attempt()
+        if got is not None:
+            return got
         pause = next(pauses, None)
         if pause is None:
             return None
         time.sleep(pause)
 
 
-async def _poll_async(spec: LockSpec, deadline: float | None, asyncio: Any) -> Handle | None:
+async def poll_async(
+    attempt: Callable[[], _T | None], deadline: float | None, asyncio: Any
+) -> _T | None:
+    """`poll` for coroutines (`asyncio` passed in: this module does not import it)."""
     pauses = poll_pauses(deadline)
     while True:
-        handle = FLOCK.try_acquire(spec)
-        if handle is not None:
-            return handle
+        got = attempt()
+        if got is not None:
+            return got
         pause = next(pauses, None)
         if pause is None:
             return None

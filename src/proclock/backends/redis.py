@@ -176,6 +176,12 @@ end
 return 1
 """
 
+# The queue (KEYS[2]) without the entries of waiters gone; `t` is the server's TIME.
+_PRUNE = """
+local t = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', t[1] * 1000 + math.floor(t[2] / 1000))
+"""
+
 # The end of a lease (KEYS[1]) whose holder is done with it: handed over to whichever live
 # waiter pops the ticket first (Redis serves blocked clients first come, first served, and never
 # a disconnected one), or freed if nobody waits. The ticket is a lease of its own, with a new
@@ -183,9 +189,9 @@ return 1
 # newcomer does not barge in and the woken waiter's attempt is not wasted. The ticket list
 # expires 1 ms before the lease: a ticket nobody popped never outlives it.
 # KEYS: lock, queue, wake, fence. ARGV: the ticket's token, ttl in ms.
-_HAND_OVER = """
-local t = redis.call('TIME')
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', t[1] * 1000 + math.floor(t[2] / 1000))
+_HAND_OVER = (
+    _PRUNE
+    + """
 if redis.call('ZCARD', KEYS[2]) == 0 then
   redis.call('DEL', KEYS[1])
 else
@@ -199,6 +205,7 @@ else
   redis.call('PEXPIRE', KEYS[3], math.max(1, tonumber(ARGV[2]) - 1))
 end
 """
+)
 
 # KEYS: lock, queue, wake, fence. ARGV: token prefix, ttl in ms, a ticket token, the holder's
 # queue entry (a handed-over lease's holder leaves the queue here if its claim has not yet).
@@ -217,10 +224,10 @@ local ARGV = {ARGV[3], ARGV[2]}
 
 # KEYS: lock, queue, wake. ARGV: token. A waiter leaves the queue; a ticket left for nobody (no
 # live waiter remains to pop it) frees the lock.
-_LEAVE = """
-redis.call('ZREM', KEYS[2], ARGV[1])
-local t = redis.call('TIME')
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', t[1] * 1000 + math.floor(t[2] / 1000))
+_LEAVE = (
+    "redis.call('ZREM', KEYS[2], ARGV[1])"
+    + _PRUNE
+    + """
 if redis.call('ZCARD', KEYS[2]) > 0 or redis.call('LLEN', KEYS[3]) == 0 then return 0 end
 local v = redis.call('GET', KEYS[1])
 if v and string.find(v, '"handoff":true', 1, true) then
@@ -229,6 +236,7 @@ end
 redis.call('DEL', KEYS[3])
 return 1
 """
+)
 
 _SOURCES = (_ACQUIRE, _EXTEND, _RELEASE, _LEAVE)
 
@@ -894,7 +902,7 @@ class RedisBackend:
             # A ticket served as this wait gave up: handed on to the next waiter, or freed.
             if popped is not None and popped[0].decode() == keys[4]:
                 ticket = popped[1].decode().split(":")[0]
-                self._give_back(keys, f'{{"token":"{ticket}",')
+                self._give_back(name, f'{{"token":"{ticket}",', token)
 
         sent = _clock()
         try:
@@ -957,7 +965,9 @@ class RedisBackend:
             if wait is not None:
                 self._leave(name, token, background=True)
             if lease is None:  # a try whose reply we did not see may have won: in the background
-                threading.Thread(target=self._give_back, args=(keys, prefix), daemon=True).start()
+                threading.Thread(
+                    target=self._give_back, args=(name, prefix, token), daemon=True
+                ).start()
             raise
         except BaseException:
             # Interrupted (Ctrl-C) after the SET may have won: give back whatever our token
@@ -966,17 +976,20 @@ class RedisBackend:
                 with self._mutex:
                     lease.state = RELEASED
                     self._renewing.discard(lease)
-            self._give_back(keys, prefix if lease is None else lease.prefix)
+            self._give_back(name, prefix if lease is None else lease.prefix, token)
             raise
         return handle
 
-    def _give_back(self, keys: list[str], prefix: str) -> None:
+    def _release_script(self, name: str, prefix: str, member: str) -> Any:
+        """Run the release: hand over (or free) what `prefix` holds of `name`; its result."""
+        keys = [self.key(name), self.queue_key(name), self.wake_key(name), self.fence_key(name)]
+        args = [prefix, self._ttl_ms, secrets.token_hex(16), member]
+        return self._connect()[2](keys=keys, args=args)
+
+    def _give_back(self, name: str, prefix: str, member: str) -> None:
         """Release the key if `prefix` holds it (a try whose outcome we did not see)."""
         with contextlib.suppress(RedisError, OSError, _Timeout, _Aborted):
-            self._connect()[2](
-                keys=[keys[0], keys[2], keys[4], keys[1]],
-                args=[prefix, self._ttl_ms, secrets.token_hex(16), keys[3].rsplit(":", 1)[1]],
-            )
+            self._release_script(name, prefix, member)
 
     def _bound_text(self, bound: float | None) -> str:
         if bound is None:
@@ -1012,12 +1025,8 @@ class RedisBackend:
         if lease.pid != os.getpid():
             lease.state = RELEASED
             return
-        name = lease.name
-        keys = [lease.key, self.queue_key(name), self.wake_key(name), self.fence_key(name)]
         try:
-            scripts = self._connect()
-            args = [lease.prefix, self._ttl_ms, secrets.token_hex(16), lease.member]
-            result = scripts[2](keys=keys, args=args)
+            result = self._release_script(lease.name, lease.prefix, lease.member)
             retried = bool(getattr(self._tls, "retried", False))
         except (_Timeout, RedisError, OSError) as exc:
             lease.state = RELEASED
