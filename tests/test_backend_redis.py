@@ -76,12 +76,19 @@ def backend(url, ns):
 @pytest.fixture
 def private_redis():
     """(url, process) of a redis-server of this test's own, on a Unix socket: free to kill."""
+    with _redis_server() as started:
+        yield started
+
+
+@contextlib.contextmanager
+def _redis_server(*options):
+    """A private redis-server (with `options`), answering: (url, process); killed after."""
     exe = shutil.which("redis-server")
     if exe is None:
         unusable("redis-server is not on PATH (a test that stops a server starts its own)")
     directory = tempfile.mkdtemp(prefix="proclock-redis-")  # short: sun_path has 108 bytes
     sock = os.path.join(directory, "redis.sock")
-    args = [exe, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no"]
+    args = [exe, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no", *options]
     server = subprocess.Popen(
         [*args, "--dir", directory], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -318,9 +325,9 @@ def test_a_waiter_is_woken_by_the_release(url, ns, admin):
 
 
 def _blocked(admin, name):
-    """Whether a client named `name` is blocked in a BLPOP (Redis will serve it a push)."""
+    """Whether a client named `name` is blocked in a BLMOVE (Redis will serve it a push)."""
     return any(
-        c.get("name") == name and c.get("cmd") == "blpop" and "b" in c.get("flags", "")
+        c.get("name") == name and c.get("cmd") == "blmove" and "b" in c.get("flags", "")
         for c in admin.client_list()
     )
 
@@ -344,11 +351,11 @@ def test_a_release_hands_the_lock_to_the_waiter_and_no_newcomer_barges_in(url, n
         assert len(tries) == 1
         assert proc.got.wait(10), "the waiter was not handed the lock"
         assert proc.tries.value == waiter_tries  # handed over: no attempt after the release
-        holder = _wait_for_value(
-            lambda: (h := backend.holder(spec)) is not None and h.pid is not None and h,
-            what="the waiter's claim",
-        )
-        assert holder.pid == proc.pid  # its own value, written over the releaser's placeholder
+        holder = backend.holder(spec)
+        # Its own value, written over the releaser's placeholder by the claim that the server
+        # ran as it handed the waiter the ticket: before the waiter's acquire returned.
+        assert holder is not None
+        assert holder.pid == proc.pid
         assert holder.acquired_at >= released_at - 0.05  # when it was handed the lock
         assert proc.token.value > holding.fencing_token
         assert admin.zcard(backend.queue_key("handover")) == 0
@@ -843,3 +850,108 @@ def test_a_forked_child_uses_clients_of_its_own_and_spares_the_parents(backend, 
         assert _token_of(admin, key) == token
         assert backend._idle is parent_idle
     assert not admin.exists(key)
+
+
+def test_a_handoff_late_in_a_long_wait_is_held_not_lost(url, ns):
+    # Regression: a wait's BLPOP lasted up to the holder's whole lease (a ttl), and the lease a
+    # release handed over was proven only from that BLPOP's send: a handoff in its last
+    # ttl/20 + 20 ms was declared lost as it was acquired (on_lost, then LockLostError).
+    ttl = 1.0
+    holder = ProcessLock("late", backend=RedisBackend(url, namespace=ns, ttl=ttl))
+    waiter_backend = RedisBackend(url, namespace=ns, ttl=ttl)
+    lost, got, done = [], threading.Event(), threading.Event()
+    waiter = ProcessLock("late", backend=waiter_backend, on_lost=lost.append)
+
+    def wait() -> None:
+        with waiter:
+            got.set()
+            done.wait(10)
+
+    holder.acquire()
+    start = time.monotonic()
+    thread = threading.Thread(target=wait)
+    thread.start()
+    time.sleep(0.95 * ttl)  # the release lands near the end of the waiter's first wait
+    holder.release()
+    assert got.wait(10)
+    time.sleep(0.1)  # past the end of a proof counted from the wait's start
+    done.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert lost == [], f"declared lost {time.monotonic() - start:.3f}s after the wait began"
+
+
+def test_scripts_flushed_while_a_waiter_blocks_still_hand_the_lock_over(private_redis):
+    # SCRIPT FLUSH between the wait's write and its claim: the claim, refused (NOSCRIPT), is
+    # sent again in full, alone (its BLMOVE already moved the ticket where the claim finds it).
+    url, _server = private_redis
+    admin = redis.Redis.from_url(url)
+    holder = RedisBackend(url, ttl=30)
+    spec = ProcessLock("flushed", backend=holder).spec
+    holding = holder.try_acquire(spec)
+    waiter = RedisBackend(url, ttl=30)
+    got = {}
+    thread = threading.Thread(target=lambda: got.update(h=waiter.acquire(spec, None)))
+    thread.start()
+    try:
+        _wait_for(lambda: _blocked(admin, f"proclock-{os.getpid()}"), what="the waiter blocked")
+        admin.script_flush()
+        holder.release(holding)
+    finally:
+        thread.join(10)
+    handle = got["h"]
+    assert handle.fencing_token > holding.fencing_token
+    assert waiter.holder(spec).pid == os.getpid()
+    waiter.release(handle)
+    assert admin.get(holder.key("flushed")) is None
+    admin.close()
+
+
+@pytest.mark.filterwarnings(FORK_WARNING)
+def test_a_forked_child_draws_tokens_of_its_own():
+    from proclock.backends import redis as module
+
+    read, write = os.pipe()
+    before = module._token()
+    pid = os.fork()
+    if pid == 0:  # the child: os._exit only
+        os.write(write, module._token().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    after = module._token()
+    assert len({before, child, after}) == 3
+    assert child[:16] != before[:16] == after[:16]  # its own prefix, not the parent's counter
+
+
+def test_a_steady_pace_of_acquisitions_never_wakes_the_renewal_thread(backend):
+    # The thread wakes by itself every ttl/3 when idle, as soon as any new lease could be
+    # due: an acquisition does not wake it (a futex wake and a GIL handoff each time).
+    lock = ProcessLock("pace", backend=backend)
+    with lock:  # the thread started
+        pass
+    wakes = []
+    real = backend._wake.notify
+    backend._wake.notify = lambda n=1: (wakes.append(n), real(n))
+    for _ in range(20):
+        with lock:
+            pass
+    assert wakes == []
+    with lock:  # and it still renews
+        lease = _lease(lock)
+        first = lease.expires
+        _wait_for(lambda: lease.expires > first, timeout=5, what="a renewal")
+
+
+def test_a_server_without_blmove_is_refused_naming_the_version_needed():
+    # BLMOVE came with Redis 6.2: an older server (here: one that renamed it away) refuses the
+    # wait, and the error says what is needed instead of "unknown command".
+    with _redis_server("--rename-command", "BLMOVE", '""') as (url, _server):
+        backend = RedisBackend(url, ttl=30)
+        spec = ProcessLock("old", backend=backend).spec
+        holding = backend.try_acquire(spec)
+        with pytest.raises(BackendUnavailableError, match=r"Redis 6\.2 or later"):
+            backend.acquire(spec, time.monotonic() + 5)
+        backend.release(holding)

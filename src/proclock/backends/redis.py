@@ -22,14 +22,17 @@ Keys, for a lock named N in namespace S (names are used verbatim: readable and i
   (ms) past which it counts as gone (a waiter that died leaves by itself).
 - ``S:wake:N``  the ticket: a release with live waiters does not free the lease but hands it
   over: the key gets a placeholder value under a new token and fencing token, and the ticket
-  (that token and fence) is pushed here. BLPOP hands it to exactly one waiter (Redis serves
-  blocked clients first come, first served, and never one that has disconnected), which then
-  holds the lease and writes its own value over the placeholder (its claim, by the renewal
-  thread, at once). A ticket nobody was blocked to take stays in the list: the next attempt
-  withdraws it and takes the lock as if it were free, and the last waiter to leave the queue
-  frees it. The list expires 1 ms before the placeholder lease, so a ticket never outlives it.
-  ``S:me:<token>`` is pushed by a waiter's own winning try, so that the BLPOP pipelined
-  behind it returns at once.
+  (that token and fence) is pushed here. A waiter's BLMOVE moves it to the waiter's own list
+  ``S:got:<token>`` (Redis serves blocked clients first come, first served, and never one that
+  has disconnected), and the claim script the waiter sent behind its BLMOVE, run by the server
+  as soon as it returns, writes the waiter's value over the placeholder: the waiter holds the
+  lease, its own, when its reply comes. A ticket nobody was blocked to take stays in the list:
+  the next attempt withdraws it and takes the lock as if it were free, and the last waiter to
+  leave the queue frees it. The list expires 1 ms before the placeholder lease, so a ticket
+  never outlives it.
+
+Every value ends with ``"acquired_at"`` (the server's clock: one clock for every holder) and
+``"fence"``.
 
 What this module guarantees (the core, `proclock._core`, does re-entry, errors, logging and
 the fan-out of a loss; this is the primitive only):
@@ -54,9 +57,10 @@ the fan-out of a loss; this is the primitive only):
 - **No herd, no barging.** A release hands the lease to one waiter, in the order the waiters
   blocked; the lock is never free in between, so a newcomer cannot take it from under the
   woken waiter, and a handoff costs that waiter no attempt: one round trip per handoff (the
-  release's). A waiter's BLPOP lasts at most what is left of the holder's lease (or the ttl),
-  so a holder that died is noticed when its lease runs out. A ticket served to a wait that
-  gave up meanwhile is passed on: a timed-out wait's late reply is read by a thread of its own
+  release's). Each wait lasts at most ttl/3 (and what is left of the holder's lease), so a
+  holder that died is noticed when its lease runs out, and a lease handed over, proven from
+  the start of the wait, has most of its ttl left. A ticket served to a wait that gave up
+  meanwhile is passed on: a timed-out wait's late reply is read by a thread of its own
   (`_exchange`'s `late`), and a cancelled one is ended by CLIENT UNBLOCK (`_Abort`), not by
   closing its socket. Only a waiter killed (or interrupted by Ctrl-C) in that instant leaves
   the lock held until the ticket's lease ends.
@@ -70,6 +74,7 @@ the fan-out of a loss; this is the primitive only):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -107,8 +112,7 @@ _IDLE_MAX = 16  # idle connections kept per backend
 _SCHEMES = ("redis", "rediss", "unix")
 _MIN_TTL = 0.01
 _MIN_ATTEMPT = 0.05  # seconds the first attempt of a timed acquisition gets at least
-_ENDS_MAX = 4096  # names whose holder's lease end is remembered
-_QUEUE_SLACK = 1.0  # seconds a waiter's queue entry outlives its BLPOP
+_QUEUE_SLACK = 1.0  # seconds a waiter's queue entry outlives its wait
 
 
 def _margin(ttl: float) -> float:
@@ -116,24 +120,27 @@ def _margin(ttl: float) -> float:
     return ttl / 20 + 0.02
 
 
-# KEYS: lock, fence, queue, me, wake. ARGV: token prefix, rest of the value up to '"fence":',
-# ttl in ms, token, queue entry ms (0: do not queue), queue key ms.
+# The end of a lease's value, after its holder's part ARGV[2] (token, host, pid, argv, name):
+# when it was acquired, by the server's clock `t` (one clock for every holder's value), and its
+# fence `fs`; the fence last, where a script finds it.
+_STAMP = """',"acquired_at":' .. t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+  .. ',"fence":' .. fs .. '}'"""
+
+# KEYS: lock, fence, queue, wake. ARGV: token prefix, the holder's part of the value, ttl in
+# ms, token, queue entry ms (0: do not queue), queue key ms.
 # Returns {fence, 0, 0} to the winner, {0, pttl of the holder, last fence issued} otherwise.
 # Idempotent for one token (a retry after a dropped connection finds its own win); a token is
 # issued only to a winner. A ticket still in the wake list was handed to nobody (no waiter was
 # blocked: it died, or is between two waits): the lock is free, and the ticket is withdrawn.
-_ACQUIRE = """
+_ACQUIRE = (
+    """
 local v = redis.call('GET', KEYS[1])
-if v and string.find(v, '"handoff":true', 1, true) and redis.call('LLEN', KEYS[5]) > 0 then
-  redis.call('DEL', KEYS[5])
+if v and string.find(v, '"handoff":true', 1, true) and redis.call('LLEN', KEYS[4]) > 0 then
+  redis.call('DEL', KEYS[4])
   v = false
 end
 if v then
   if string.sub(v, 1, #ARGV[1]) == ARGV[1] then
-    if ARGV[5] ~= '0' then
-      redis.call('LPUSH', KEYS[4], '1')
-      redis.call('PEXPIRE', KEYS[4], ARGV[3])
-    end
     return {string.match(v, '(%d+)}$'), 0, 0}
   end
   if ARGV[5] ~= '0' then
@@ -150,29 +157,44 @@ local t = redis.call('TIME')
 local f = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, t[1] * 1000000 + t[2])
 local fs = string.format('%.0f', f)
 redis.call('SET', KEYS[2], fs)
-redis.call('SET', KEYS[1], ARGV[1] .. ARGV[2] .. fs .. '}', 'PX', ARGV[3])
+redis.call('SET', KEYS[1], ARGV[1] .. ARGV[2] .. """
+    + _STAMP
+    + """, 'PX', ARGV[3])
 if ARGV[5] ~= '0' then
   redis.call('ZREM', KEYS[3], ARGV[4])
-  redis.call('LPUSH', KEYS[4], '1')
-  redis.call('PEXPIRE', KEYS[4], ARGV[3])
 end
 return {fs, 0, 0}
 """
+)
 
-# KEYS: lock, queue. ARGV: token prefix, ttl in ms, the whole value ('' keeps it), queue
-# entry. 1: extended; 0: key gone; -1: another's token. A lease handed over by a release is
-# claimed this way: its value (the releaser's placeholder) becomes its holder's, and its holder
-# leaves the queue.
+# Run by a waiter right behind its BLMOVE, which moved a ticket (if a release handed it one)
+# from the wake list to the waiter's own list KEYS[3]: the waiter takes the ticket's lease over,
+# writing its own value (and a full ttl) over the releaser's placeholder, and leaves the queue.
+# KEYS: lock, queue, the waiter's list. ARGV: the holder's part of the value, ttl in ms, token.
+# Returns nil (no ticket), {ticket, 1} (held), or {ticket, 0} (the ticket's lease was gone).
+_CLAIM = (
+    """
+local ticket = redis.call('LPOP', KEYS[3])
+if not ticket then return false end
+redis.call('ZREM', KEYS[2], ARGV[3])
+local nonce, fs = string.match(ticket, '^(.-):(%d+)$')
+local prefix = '{"token":"' .. nonce .. '",'
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, #prefix) ~= prefix then return {ticket, 0} end
+local t = redis.call('TIME')
+redis.call('SET', KEYS[1], prefix .. ARGV[1] .. """
+    + _STAMP
+    + """, 'PX', ARGV[2])
+return {ticket, 1}
+"""
+)
+
+# KEYS: lock. ARGV: token prefix, ttl in ms. 1: extended; 0: key gone; -1: another's token.
 _EXTEND = """
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 if string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return -1 end
-if ARGV[3] ~= '' then
-  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[2])
-  redis.call('ZREM', KEYS[2], ARGV[4])
-else
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
@@ -185,8 +207,8 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', t[1] * 1000 + math.floor(t[2] / 
 # The end of a lease (KEYS[1]) whose holder is done with it: handed over to whichever live
 # waiter pops the ticket first (Redis serves blocked clients first come, first served, and never
 # a disconnected one), or freed if nobody waits. The ticket is a lease of its own, with a new
-# token ARGV[1] and fence, that its waiter claims: it never becomes free in between, so a
-# newcomer does not barge in and the woken waiter's attempt is not wasted. The ticket list
+# token ARGV[1] and fence, that its waiter claims (_CLAIM): it never becomes free in between,
+# so a newcomer does not barge in and the woken waiter's attempt is not wasted. The ticket list
 # expires 1 ms before the lease: a ticket nobody popped never outlives it.
 # KEYS: lock, queue, wake, fence. ARGV: the ticket's token, ttl in ms.
 _HAND_OVER = (
@@ -207,15 +229,13 @@ end
 """
 )
 
-# KEYS: lock, queue, wake, fence. ARGV: token prefix, ttl in ms, a ticket token, the holder's
-# queue entry (a handed-over lease's holder leaves the queue here if its claim has not yet).
+# KEYS: lock, queue, wake, fence. ARGV: token prefix, ttl in ms, a ticket token.
 # 1: released (handed over or freed); 0: gone; -1: another's.
 _RELEASE = (
     """
 local v = redis.call('GET', KEYS[1])
 if not v then return 0 end
 if string.sub(v, 1, #ARGV[1]) ~= ARGV[1] then return -1 end
-redis.call('ZREM', KEYS[2], ARGV[4])
 local ARGV = {ARGV[3], ARGV[2]}
 """
     + _HAND_OVER
@@ -238,7 +258,7 @@ return 1
 """
 )
 
-_SOURCES = (_ACQUIRE, _EXTEND, _RELEASE, _LEAVE)
+_SOURCES = (_ACQUIRE, _EXTEND, _RELEASE, _LEAVE, _CLAIM)
 
 _GONE = (
     "its key is gone: the lease expired before it could be renewed (the holder was paused or "
@@ -261,12 +281,10 @@ class _Lease:
     """One acquisition's lease: the backend's private state of a Handle."""
 
     __slots__ = (
-        "claim",
         "due",
         "expires",
         "handle",
         "key",
-        "member",
         "name",
         "pid",
         "prefix",
@@ -284,10 +302,6 @@ class _Lease:
         self.redo = False  # a release was interrupted: a redo may find the key deleted already
         self.pid = os.getpid()
         self.handle: Handle | None = None
-        # A lease handed over by a release: the value to write over the releaser's
-        # placeholder, at its first renewal (due at once).
-        self.claim = ""
-        self.member = ""  # its holder's queue entry (the token of the wait that won it)
 
     def __repr__(self) -> str:
         return f"<redis lease {self.key!r} {_STATE_NAMES[self.state]}>"
@@ -321,29 +335,27 @@ class _Script:
         args: Sequence[Any],
         *,
         bound: float | None = None,
-        wait: tuple[Sequence[str], float, float] | None = None,
+        before: Sequence[tuple[Any, ...]] = (),
+        wait_bound: float | None = None,
         abort: _Abort | None = None,
         late: Callable[[Any], None] | None = None,
     ) -> Any:
-        """EVALSHA (and a BLPOP behind it: `wait` = keys, seconds, read bound); its reply.
+        """EVALSHA (behind the commands `before`, in one write); the script's reply.
 
-        With `wait`, the reply is the script's with the BLPOP's appended; `late` gets a BLPOP
-        reply that came past its read bound (see `_exchange`).
+        With `wait_bound`, the last of `before` blocks: its reply and the script's are read
+        by `wait_bound`, the others' by `bound` (see `_round_trip`, as for `abort`, `late`).
         """
-        backend = self.backend
         command: tuple[Any, ...] = ("EVALSHA", self.sha, len(keys), *keys, *args)
-        for _ in range(2):
-            try:
-                if wait is None:
-                    return backend._round_trip([command], bound)[0]
-                wait_keys, seconds, read_bound = wait
-                blpop = ("BLPOP", *wait_keys, f"{seconds:.3f}")
-                replies = backend._round_trip([command, blpop], bound, read_bound, abort, late)
-                return [*replies[0], replies[1]]
-            except NoScriptError:
-                command = ("EVAL", self.source, len(keys), *keys, *args)
-        msg = "unreachable"  # pragma: no cover
-        raise AssertionError(msg)  # pragma: no cover
+        commands = [*before, command]
+        wait_from = len(commands) - 2 if wait_bound is not None else None
+        try:
+            return self.backend._round_trip(
+                commands, bound, wait_bound, abort, late, wait_from=wait_from
+            )[-1]
+        except NoScriptError:
+            # Not sent again: `before` (a BLMOVE) ran, and left what it moved to this script.
+            command = ("EVAL", self.source, len(keys), *keys, *args)
+            return self.backend._round_trip([command], bound)[0]
 
 
 class _Abort:
@@ -368,12 +380,12 @@ class _Abort:
             ).start()
 
     def _withdraw(self, conn: Any) -> None:
-        """End the wait's BLPOP with CLIENT UNBLOCK from another connection.
+        """End the wait's BLMOVE with CLIENT UNBLOCK from another connection.
 
-        The BLPOP then returns nothing, or the ticket Redis served it just before, which its
-        thread reads and gives back: a handoff is never lost to a cancellation. Only if Redis
-        cannot unblock it within `connect_timeout` (unreachable, or the BLPOP never arrives)
-        is the socket shut down.
+        The BLMOVE then returns nothing, or the ticket Redis served it just before (claimed by
+        the script behind it), which its thread reads and gives back: a handoff is never lost
+        to a cancellation. Only if Redis cannot unblock it within `connect_timeout`
+        (unreachable, or the BLMOVE never arrives) is the socket shut down.
         """
         backend, client_id = self.backend, getattr(conn, "proclock_id", None)
         end = _clock() + backend._connect_timeout
@@ -384,7 +396,7 @@ class _Abort:
                     return
             except BackendUnavailableError:
                 break
-            time.sleep(pause)  # not blocked yet (its BLPOP on the way), or already answered
+            time.sleep(pause)  # not blocked yet (its BLMOVE on the way), or already answered
             pause = min(pause * 2, 0.05)
         if self.conn is conn:
             sock = getattr(conn, "_sock", None)
@@ -396,7 +408,20 @@ class _Abort:
 _INSTANCES: weakref.WeakSet[RedisBackend] = weakref.WeakSet()
 
 
+# Tokens: unique, not secret (whoever can reach the server can delete any key): this process's
+# random prefix and a counter, which is cheaper than a getrandom(2) per token. A forked child
+# draws a prefix of its own.
+_token_prefix = secrets.token_hex(8)
+_token_count = itertools.count()
+
+
+def _token() -> str:
+    return f"{_token_prefix}{next(_token_count):016x}"
+
+
 def _after_fork_in_child() -> None:
+    global _token_prefix, _token_count  # a child draws tokens of its own
+    _token_prefix, _token_count = secrets.token_hex(8), itertools.count()
     for backend in list(_INSTANCES):
         backend._forget()
 
@@ -505,12 +530,12 @@ class RedisBackend:
         self._wake = threading.Condition(self._mutex)
         self._renewing: set[_Lease] = set()
         self._thread: threading.Thread | None = None
+        self._wake_at = 0.0  # when the renewal thread next wakes by itself (monotonic)
         self._idle: list[Any] = []
         self._factory: Callable[[], Any] | None = None
         self._scripts: Any = None
         self._static: str | None = None
         self._tls = threading.local()
-        self._ends: dict[str, float] = {}
         self._pid = os.getpid()
 
     def __repr__(self) -> str:
@@ -587,47 +612,57 @@ class RedisBackend:
         self,
         commands: Sequence[tuple[Any, ...]],
         bound: float | None,
-        last_bound: float | None = None,
+        wait_bound: float | None = None,
         abort: _Abort | None = None,
         late: Callable[[Any], None] | None = None,
+        *,
+        wait_from: int | None = None,
     ) -> list[Any]:
         """Send `commands` in one write; their replies, each read by its deadline.
 
-        Every reply but the last must come within `bound` (default `connect_timeout`) of the
-        start, connecting included; the last within `last_bound` if given. No reply in time:
-        `_Timeout`, and the connection is closed (its late reply must reach nobody), except
-        that with `late`, a last reply still to come is read by a thread of its own (within
-        `connect_timeout`) and given to `late` there: a BLPOP served a ticket just as its
-        waiter gave up is passed on, not lost. A pooled connection the server closed (a
-        restart, CLIENT KILL) is retried once on a fresh one.
+        The replies must come within `bound` (default `connect_timeout`) of the start,
+        connecting included; those of ``commands[wait_from:]`` (a blocking command's and what
+        follows it) within `wait_bound` instead. No reply in time: `_Timeout`, and the
+        connection is closed (its late replies must reach nobody), except that with `late`, a
+        wait's replies still to come are read by a thread of its own (within
+        `connect_timeout`) and the last is given to `late` there: a ticket Redis served just as
+        its waiter gave up is passed on, not lost. A pooled connection the server
+        closed (a restart, CLIENT KILL) is retried once on a fresh one.
         """
         self._connect()
         self._tls.retried = False
         try:
-            return self._exchange(commands, bound, last_bound, abort, late, fresh=False)
+            return self._exchange(
+                commands, bound, wait_bound, abort, late, wait_from=wait_from, fresh=False
+            )
         except (redis.ConnectionError, ConnectionError) as exc:
             if isinstance(exc, _Retryable):
                 self._tls.retried = True
-                return self._exchange(commands, bound, last_bound, abort, late, fresh=True)
+                return self._exchange(
+                    commands, bound, wait_bound, abort, late, wait_from=wait_from, fresh=True
+                )
             raise
 
     def _exchange(  # noqa: PLR0915  (one exchange, each failure named where it happens)
         self,
         commands: Sequence[tuple[Any, ...]],
         bound: float | None,
-        last_bound: float | None,
+        wait_bound: float | None,
         abort: _Abort | None,
         late: Callable[[Any], None] | None,
         *,
+        wait_from: int | None,
         fresh: bool,
     ) -> list[Any]:
         start = _clock()
         end = start + (self._connect_timeout if bound is None else max(bound, 0.001))
-        last_end = end if last_bound is None else start + last_bound
+        wait_end = end if wait_bound is None else start + wait_bound
+        waits = len(commands) if wait_from is None else wait_from  # the first one that blocks
         conn = self._factory() if fresh and self._factory is not None else self._take()
         reused = conn._sock is not None
         replies: list[Any] = []
         error: Exception | None = None
+        skip, reading = 0, -1  # the setup replies to skip; the reply being read
         try:
             if abort is not None:
                 with abort.mutex:
@@ -637,7 +672,6 @@ class RedisBackend:
             if reused and _stale(conn):  # closed by the server meanwhile (EOF)
                 conn.disconnect()
                 reused = False
-            skip = 0
             if conn._sock is None:
                 # Clamped: past the deadline already (a slow thread), connect fails at once.
                 conn.socket_connect_timeout = conn.socket_timeout = max(end - _clock(), 0.0001)
@@ -645,6 +679,7 @@ class RedisBackend:
                 # Its client id (for CLIENT UNBLOCK, see _Abort) and the scripts.
                 loads = [("CLIENT", "ID"), *(("SCRIPT", "LOAD", source) for source in _SOURCES)]
                 commands, skip = [*loads, *commands], len(loads)
+            waits += skip
             sock = conn._sock
             try:
                 sock.settimeout(max(end - _clock(), 0.0001))
@@ -653,26 +688,29 @@ class RedisBackend:
                 if reused and not (abort is not None and abort.set):
                     raise _Retryable(str(exc)) from exc
                 raise
+            keep = late is not None
             for i in range(len(commands)):
-                last = i == len(commands) - 1
-                until = last_end if last else end
-                sock.settimeout(max(until - _clock(), 0.0001))
+                reading, mine, waiting = i, i >= skip, i >= waits
+                sock.settimeout(max((wait_end if waiting else end) - _clock(), 0.0001))
                 try:
                     # Kept open past a timeout of a reply `late` is to read (redis-py would
                     # close it, and a ticket Redis served just then would reach nobody).
-                    reply = conn.read_response(disconnect_on_error=not (last and late))
+                    reply = conn.read_response(disconnect_on_error=not (waiting and keep))
                 except redis.ResponseError as exc:  # read whole: the connection is clean
                     reply = None
                     error = error or exc
-                if i >= skip:
+                if mine:
                     replies.append(reply)
                 elif i == 0:
                     conn.proclock_id = reply
         except (redis.TimeoutError, TimeoutError) as exc:
             aborted = abort is not None and abort.set
-            if late is not None and not aborted and len(replies) == len(commands) - skip - 1:
+            if late is not None and not aborted and reading >= waits:
                 threading.Thread(
-                    target=self._drain, args=(conn, late), name="proclock-redis-drain", daemon=True
+                    target=self._drain,
+                    args=(conn, late, len(commands) - reading),
+                    name="proclock-redis-drain",
+                    daemon=True,
                 ).start()
             else:
                 conn.disconnect()
@@ -696,11 +734,13 @@ class RedisBackend:
             raise error
         return replies
 
-    def _drain(self, conn: Any, late: Callable[[Any], None]) -> None:
-        """Read the reply that came too late for its caller, and hand it to `late`."""
+    def _drain(self, conn: Any, late: Callable[[Any], None], pending: int) -> None:
+        """Read the `pending` replies that came too late for their caller; the last to `late`."""
+        reply = None
         try:
             conn._sock.settimeout(self._connect_timeout)
-            reply = conn.read_response()
+            for _ in range(pending):
+                reply = conn.read_response()
         except BaseException:  # noqa: BLE001  (nothing to hand on: the connection is dropped)
             conn.disconnect()
             return
@@ -720,7 +760,10 @@ class RedisBackend:
             raise self._unavailable(exc) from exc
 
     def _value_parts(self, name: str, token: str) -> tuple[str, str]:
-        """(token prefix, rest of the JSON value up to the fence) for a new attempt."""
+        """(token prefix, this holder's part of the JSON value) for a new attempt.
+
+        The scripts end the value with ``"acquired_at"`` (the server's clock) and the fence.
+        """
         static = self._static
         if static is None:
             static = self._static = json.dumps(
@@ -732,8 +775,7 @@ class RedisBackend:
                 },
                 separators=(",", ":"),
             )[1:-1]
-        rest = f'{static},"name":{json.dumps(name)},"acquired_at":{time.time():.6f},"fence":'
-        return f'{{"token":"{token}",', rest
+        return f'{{"token":"{token}",', f'{static},"name":{json.dumps(name)}'
 
     # -- acquisition ---------------------------------------------------------------------------
 
@@ -747,7 +789,7 @@ class RedisBackend:
         timeout = spec.timeout
         if spec.blocking and timeout is not None and 0 < timeout < self._connect_timeout:
             bound = max(timeout, _MIN_ATTEMPT)
-        won = self._try(_name(spec), secrets.token_hex(16), bound)
+        won = self._try(_name(spec), _token(), bound)
         return None if isinstance(won, int) else won
 
     def acquire(
@@ -755,62 +797,66 @@ class RedisBackend:
     ) -> Handle | None:
         """Wait for the lease until `deadline` (monotonic; None: forever); None if it passed.
 
-        Each cycle is one round trip: the try (which queues this waiter if the lock is held)
-        and a BLPOP behind it, which a release handing us the lease (one waiter per release),
-        our own winning try, the holder's lease running out or the deadline ends.
+        Each cycle is a try, which queues this waiter if the lock is held, then a wait
+        (`_block`) that a release handing us the lease (one waiter per release), the holder's
+        lease running out, ttl/3 or the deadline ends.
         """
         name = _name(spec)
-        token = secrets.token_hex(16)  # one token for every try of this wait: `_try` is idempotent
-        now = _clock()
-        if deadline is not None and deadline <= now:
+        token = _token()  # one token for every try of this wait: `_try` is idempotent
+        if deadline is not None and deadline <= _clock():
             won = self._try(name, token, None)  # timeout=0: one attempt, connect_timeout
             return None if isinstance(won, int) else won
         first = True
-        queued = False  # a try of a cycle entered the queue: leave it on giving up
-        # When the holder's lease ends, as last seen by any waiter of this backend: a cycle's
-        # BLPOP lasts until then at most (a holder that died publishes nothing). Unknown, a
-        # plain try learns it first.
-        ends = self._ends.get(name)
+        queued = False  # a try entered the queue: leave it on giving up
         try:
-            if ends is None or ends <= now:
-                bound = None if deadline is None else max(deadline - now, _MIN_ATTEMPT)
-                won = self._try(name, token, bound)
+            while True:
+                if abort is not None and abort.set:
+                    raise _Aborted  # noqa: TRY301  (handled below, as a withdrawn wait)
+                left = None if deadline is None else deadline - _clock()
+                if left is not None and left <= 0:
+                    break
+                bound = left if left is None or not first else max(left, _MIN_ATTEMPT)
+                sent = _clock()
+                first, queued = False, True
+                won = self._try(name, token, bound, queue=self._ttl / 3)
                 if not isinstance(won, int):
                     return won
-                first = False
-                ends = self._ends.get(name)
-            while True:
+                # Each wait at most ttl/3: a lease handed over is proven from the wait's start
+                # (the server set its ttl no earlier), so most of it is left when it comes.
                 now = _clock()
+                wait = self._ttl / 3
+                if won >= 0:  # a holder's lease that ends (a holder that died sends nothing)
+                    wait = min(wait, sent + won / 1000 - now + 0.002)
                 left = None if deadline is None else deadline - now
-                if left is not None and left <= 0:
-                    if queued:
-                        self._leave(name, token, background=True)
-                    return None
-                wait = self._ttl
-                if ends is not None and ends > now:
-                    wait = min(wait, ends - now + 0.002)
                 if left is not None:
+                    if left <= 0:
+                        break
                     wait = min(wait, left - 0.01)
                 wait = max(wait, 0.001)
-                if left is None:
-                    bound, read_bound = None, wait + self._connect_timeout
-                else:
-                    bound = max(left, _MIN_ATTEMPT) if first else left
-                    read_bound = max(left, wait + 0.001)
-                first = False
-                won = self._try(name, token, bound, (wait, read_bound), abort)
-                if not isinstance(won, int):
-                    return won
-                queued = True
-                ends = self._ends.get(name)
+                wait_bound = wait + self._connect_timeout if left is None else max(left, wait)
+                got = self._block(
+                    name, token, bound=left, wait=wait, wait_bound=wait_bound, abort=abort
+                )
+                if got is not None:
+                    return got
         except _Aborted:
             self._leave(name, token)
             return None
         except _WaitTimedOut:
-            # The BLPOP's reply did not come by the deadline: a timeout (leaving the queue, in
-            # the background).
+            # No reply by the deadline: a timeout (leaving the queue, in the background); with
+            # no deadline, a server that stopped answering.
             self._leave(name, token, background=True)
+            if deadline is None:
+                msg = f"no reply within {self._connect_timeout}s past a wait's end"
+                raise self._unavailable(msg) from None
             return None
+        except BaseException:
+            if queued:
+                self._leave(name, token, background=True)
+            raise
+        if queued:
+            self._leave(name, token, background=True)
+        return None
 
     def _leave(self, name: str, token: str, *, background: bool = False) -> None:
         """Leave the queue; the last waiter to leave frees a ticket nobody took (best effort)."""
@@ -829,9 +875,9 @@ class RedisBackend:
     async def acquire_async(self, spec: LockSpec, deadline: float | None) -> Handle | None:
         """`acquire` for coroutines: the loop never blocks, cancellation leaves nothing held.
 
-        The wait runs in a thread of its own; cancelling the task withdraws the wait (its
-        socket is shut down, its queue
-        entry removed) and gives back a lease won meanwhile, before it re-raises.
+        The wait runs in a thread of its own; cancelling the task withdraws the wait (CLIENT
+        UNBLOCK, its queue entry removed) and gives back a lease won meanwhile, before it
+        re-raises.
         """
         import asyncio  # noqa: PLC0415
 
@@ -866,7 +912,7 @@ class RedisBackend:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             abort.fire()
-            # The wait ends promptly (its socket is shut down): wait for it, give back a lease
+            # The wait ends promptly (CLIENT UNBLOCK): wait for it, give back a lease
             # it won meanwhile, then be cancelled.
             while not future.done():
                 try:
@@ -881,129 +927,154 @@ class RedisBackend:
                     await asyncio.shield(asyncio.to_thread(self.release, won))
             raise
 
-    def _try(  # noqa: PLR0915  (each outcome of one attempt, in order)
-        self,
-        name: str,
-        token: str,
-        bound: float | None,
-        wait: tuple[float, float] | None = None,
-        abort: _Abort | None = None,
-    ) -> Handle | int:
-        """One attempt (and, with `wait`, a BLPOP behind it): the handle, or the PTTL in ms."""
+    def _try(self, name: str, token: str, bound: float | None, queue: float = 0.0) -> Handle | int:
+        """One attempt: the handle, or the holder's PTTL in ms.
+
+        With `queue` > 0, a try that finds the lock held puts this waiter in the queue for
+        that many seconds (plus `_QUEUE_SLACK`, so that a waiter that died leaves by itself).
+        """
         scripts = self._connect()
-        keys = self._keys(name, token)
+        keys = [self.key(name), self.fence_key(name), self.queue_key(name), self.wake_key(name)]
         prefix, rest = self._value_parts(name, token)
-        lease = None
-        queue_ms = 0 if wait is None else round((wait[0] + _QUEUE_SLACK) * 1000)
+        queue_ms = round((queue + _QUEUE_SLACK) * 1000) if queue else 0
         args = [prefix, rest, self._ttl_ms, token, queue_ms, self._ttl_ms * 2 + 2000]
-        blpop = None if wait is None else ([keys[3], keys[4]], wait[0], wait[1])
-
-        def late(popped: Any) -> None:
-            # A ticket served as this wait gave up: handed on to the next waiter, or freed.
-            if popped is not None and popped[0].decode() == keys[4]:
-                ticket = popped[1].decode().split(":")[0]
-                self._give_back(name, f'{{"token":"{ticket}",', token)
-
         sent = _clock()
+        handle = None
         try:
             try:
-                reply = scripts[0](
-                    keys=keys, args=args, bound=bound, wait=blpop, abort=abort, late=late
-                )
-            except _Timeout as exc:
-                if exc.args[0] >= 1 and blpop is not None:  # the try answered, the BLPOP not
-                    reply = exc.args[1][0]
-                    if not reply[0]:
-                        raise _WaitTimedOut from None
-                    # won: the BLPOP's reply is moot
-                elif blpop is not None and bound is not None and bound < _MIN_ATTEMPT:
-                    # A later cycle of a timed wait, near its end: the deadline came before
-                    # the server had a fair time to answer (it answered this wait before).
+                reply = scripts[0](keys=keys, args=args, bound=bound)
+            except _Timeout:
+                if queue and bound is not None and bound < _MIN_ATTEMPT:
+                    # A later try of a timed wait, near its end: the deadline came before the
+                    # server had a fair time to answer (it answered this wait before).
                     raise _WaitTimedOut from None
-                else:
-                    raise self._unavailable(f"no reply within {self._bound_text(bound)}") from None
-            except _Aborted as exc:
-                replies = exc.args[0] if exc.args else []
-                if not replies or not replies[0][0]:
-                    raise
-                reply = replies[0]  # won before the withdrawal: the caller gives it back
+                raise self._unavailable(f"no reply within {self._bound_text(bound)}") from None
             except (RedisError, OSError) as exc:
                 raise self._unavailable(exc) from exc
-            fence, pttl = reply[0], reply[1]
-            claim = None
-            ttl = self._ttl
-            if not fence:
-                pttl = int(pttl)
-                popped = None if wait is None else reply[3]
-                if popped is None or popped[0].decode() != keys[4]:
-                    ends = self._ends
-                    if len(ends) > _ENDS_MAX:
-                        ends.clear()
-                    ends[name] = sent + (pttl / 1000 if pttl >= 0 else self._ttl)
-                    return pttl
-                # Handed over: the ticket's token is this lease's, its value ours to claim.
-                # Issued after our try ran (a larger fence than the try saw), its ttl ran from
-                # after `sent`; else it was waiting when the try saw its PTTL.
-                ticket, fence = popped[1].decode().split(":")
-                if int(fence) <= int(reply[2]):
-                    ttl = pttl / 1000
-                prefix = f'{{"token":"{ticket}",'
-                claim = f"{prefix}{self._value_parts(name, token)[1]}{fence}}}"  # acquired now
-            lease = _Lease(keys[0], name, prefix, sent, ttl)
-            lease.member = token
-            if claim is not None:
-                lease.claim, lease.due = claim, sent  # claimed by the renewal thread at once
-            handle = Handle(
-                f"{self._server} key {keys[0]!r}",
-                fencing_token=int(fence),
-                shared=False,
-                private=lease,
-            )
-            lease.handle = handle
-            self._track(lease)
-        except (BackendUnavailableError, _Aborted, _WaitTimedOut):
-            if wait is not None:
-                self._leave(name, token, background=True)
-            if lease is None:  # a try whose reply we did not see may have won: in the background
-                threading.Thread(
-                    target=self._give_back, args=(name, prefix, token), daemon=True
-                ).start()
+            if not reply[0]:
+                return int(reply[1])
+            handle = self._hold(name, prefix, sent, int(reply[0]))
+        except (BackendUnavailableError, _WaitTimedOut):
+            # A try whose reply we did not see may have won: given back, in the background.
+            threading.Thread(target=self._give_back, args=(name, prefix), daemon=True).start()
             raise
         except BaseException:
             # Interrupted (Ctrl-C) after the SET may have won: give back whatever our token
             # holds, else it would block everyone for a ttl (or, renewed, forever).
-            if lease is not None:
-                with self._mutex:
-                    lease.state = RELEASED
-                    self._renewing.discard(lease)
-            self._give_back(name, prefix if lease is None else lease.prefix, token)
+            self._drop(handle)
+            self._give_back(name, prefix)
             raise
         return handle
 
-    def _release_script(self, name: str, prefix: str, member: str) -> Any:
+    def _block(
+        self,
+        name: str,
+        token: str,
+        *,
+        bound: float | None,
+        wait: float,
+        wait_bound: float,
+        abort: _Abort | None,
+    ) -> Handle | None:
+        """Wait up to `wait` seconds for a release to hand us the lease; None if none did.
+
+        One write: a PING, whose reply within `connect_timeout` (or the deadline) shows the
+        server is answering (BackendUnavailableError if not); a BLMOVE, which Redis answers
+        when a release pushes a ticket (to the longest-blocked live waiter: one per release);
+        and the claim behind it (_CLAIM), which the server runs as soon as the BLMOVE returns:
+        the lease is ours, with our value, when the reply comes. That reply must come within
+        `wait_bound`, else _WaitTimedOut; a ticket served as this wait gave up (a timeout, a
+        withdrawal, Ctrl-C) is given back, which hands it on.
+        """
+        mine = f"{self._namespace}:got:{token}"
+        keys = [self.key(name), self.queue_key(name), mine]
+        args = [self._value_parts(name, token)[1], self._ttl_ms, token]
+        blmove = ("BLMOVE", self.wake_key(name), mine, "LEFT", "LEFT", f"{wait:.3f}")
+
+        def give_back(claimed: Any) -> None:
+            if claimed and int(claimed[1]):
+                ticket = claimed[0].decode().split(":")[0]
+                self._give_back(name, f'{{"token":"{ticket}",')
+
+        sent = _clock()
+        reply, handle = None, None
+        try:
+            try:
+                reply = self._connect()[4](
+                    keys=keys,
+                    args=args,
+                    bound=bound,
+                    before=(("PING",), blmove),
+                    wait_bound=wait_bound,
+                    abort=abort,
+                    late=give_back,
+                )
+            except _Timeout as exc:
+                # Not even the PING answered (unless the deadline was too near for a fair try:
+                # the wait's end, see `_try`).
+                if not exc.args[0] and (bound is None or bound >= _MIN_ATTEMPT):
+                    text = f"no reply within {self._bound_text(bound)}"
+                    raise self._unavailable(text) from None
+                raise _WaitTimedOut from None
+            except _Aborted as exc:
+                replies = exc.args[0] if exc.args else []
+                for claimed in replies[2:]:  # the claim's reply: a ticket before the withdrawal
+                    give_back(claimed)
+                raise
+            except (RedisError, OSError) as exc:
+                if "BLMOVE" in str(exc).upper() and isinstance(exc, redis.ResponseError):
+                    text = f"{exc} (proclock's waits need Redis 6.2 or later, for BLMOVE)"
+                    raise self._unavailable(text) from exc
+                raise self._unavailable(exc) from exc
+            if not reply or not int(reply[1]):
+                return None  # no ticket (or its lease was gone): the caller tries again
+            ticket, fence = reply[0].decode().split(":")
+            handle = self._hold(name, f'{{"token":"{ticket}",', sent, int(fence))
+        except BaseException:
+            if handle is None:
+                give_back(reply)  # interrupted (Ctrl-C) after the claim: given back
+            else:
+                self._drop(handle)
+                self._give_back(name, handle.private.prefix)
+            raise
+        return handle
+
+    def _hold(self, name: str, prefix: str, sent: float, fence: int) -> Handle:
+        """The handle of a lease won (its value starts with `prefix`), renewed from now on."""
+        lease = _Lease(self.key(name), name, prefix, sent, self._ttl)
+        handle = Handle(
+            f"{self._server} key {lease.key!r}", fencing_token=fence, shared=False, private=lease
+        )
+        lease.handle = handle
+        try:
+            self._track(lease)
+        except BaseException:
+            self._drop(handle)  # interrupted (Ctrl-C): the caller gives the lease back
+            raise
+        return handle
+
+    def _drop(self, handle: Handle | None) -> None:
+        """Stop renewing a lease being given back (interrupted before it reached the caller)."""
+        if handle is not None:
+            lease: _Lease = handle.private
+            with self._mutex:
+                lease.state = RELEASED
+                self._renewing.discard(lease)
+
+    def _release_script(self, name: str, prefix: str) -> Any:
         """Run the release: hand over (or free) what `prefix` holds of `name`; its result."""
         keys = [self.key(name), self.queue_key(name), self.wake_key(name), self.fence_key(name)]
-        args = [prefix, self._ttl_ms, secrets.token_hex(16), member]
-        return self._connect()[2](keys=keys, args=args)
+        return self._connect()[2](keys=keys, args=[prefix, self._ttl_ms, _token()])
 
-    def _give_back(self, name: str, prefix: str, member: str) -> None:
+    def _give_back(self, name: str, prefix: str) -> None:
         """Release the key if `prefix` holds it (a try whose outcome we did not see)."""
         with contextlib.suppress(RedisError, OSError, _Timeout, _Aborted):
-            self._release_script(name, prefix, member)
+            self._release_script(name, prefix)
 
     def _bound_text(self, bound: float | None) -> str:
         if bound is None:
             return f"connect_timeout={self._connect_timeout}s"
         return f"the acquisition's deadline ({bound:.3f}s)"
-
-    def _keys(self, name: str, token: str) -> list[str]:
-        return [
-            self.key(name),
-            self.fence_key(name),
-            self.queue_key(name),
-            f"{self._namespace}:me:{token}",
-            self.wake_key(name),
-        ]
 
     # -- release -------------------------------------------------------------------------------
 
@@ -1026,7 +1097,7 @@ class RedisBackend:
             lease.state = RELEASED
             return
         try:
-            result = self._release_script(lease.name, lease.prefix, lease.member)
+            result = self._release_script(lease.name, lease.prefix)
             retried = bool(getattr(self._tls, "retried", False))
         except (_Timeout, RedisError, OSError) as exc:
             lease.state = RELEASED
@@ -1058,38 +1129,48 @@ class RedisBackend:
     def _track(self, lease: _Lease) -> None:
         """Have the renewal thread extend `lease` each ttl/3 from now on."""
         with self._wake:
-            idle = not self._renewing
             self._renewing.add(lease)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._renewer, name="proclock-redis-renewal", daemon=True
                 )
                 self._thread.start()
-            elif idle or lease.claim:
-                # It waits _IDLE_EXIT for work: wake it, or this lease is not renewed in time.
-                # (Otherwise it waits for an earlier due time than this lease's: no need.)
+            elif min(lease.due, lease.expires) < self._wake_at:
+                # Due before the thread next wakes (a lease handed over after a long wait): wake
+                # it now. Else, as for every lease taken at a steady pace, it wakes in time by
+                # itself (when idle, it wakes every ttl/3): no wake-up per acquisition.
                 self._wake.notify()
 
     def _renewer(self) -> None:
         """Extend every held lease each ttl/3; declare one lost at the end of its proof."""
         me = threading.current_thread()
+        idle_since = None
         while True:
             with self._wake:
                 while True:
                     if self._thread is not me:
                         return  # forked, or replaced
+                    now = _clock()
                     if not self._renewing:
-                        if not self._wake.wait(_IDLE_EXIT) and not self._renewing:
+                        # Idle: it wakes every ttl/3, so a lease taken meanwhile (due ttl/3
+                        # after it was taken) needs no wake-up (`_track`); it ends after
+                        # _IDLE_EXIT with nothing to renew.
+                        idle_since = now if idle_since is None else idle_since
+                        if now - idle_since >= _IDLE_EXIT:
                             self._thread = None
                             return
+                        self._wake_at = now + self._ttl / 3
+                        self._wake.wait(self._ttl / 3)
                         continue
-                    now = _clock()
+                    idle_since = None
                     due = [
                         lease for lease in self._renewing if min(lease.due, lease.expires) <= now
                     ]
                     if due:
+                        self._wake_at = now
                         break
-                    self._wake.wait(min(min(x.due, x.expires) for x in self._renewing) - now)
+                    self._wake_at = min(min(x.due, x.expires) for x in self._renewing)
+                    self._wake.wait(self._wake_at - now)
             for lease in due:
                 self._extend(lease)
 
@@ -1098,7 +1179,6 @@ class RedisBackend:
         scripts = self._scripts
         sent = _clock()
         result, failure = None, None
-        claim = lease.claim
         left = lease.expires - sent
         try:
             if left <= 0:
@@ -1106,9 +1186,7 @@ class RedisBackend:
             if scripts is None:
                 raise redis.ConnectionError("no client")  # noqa: TRY301  (a failure like any other)
             bound = min(left, self._connect_timeout, self._ttl / 3)
-            args = [lease.prefix, self._ttl_ms, claim, lease.member]
-            keys = [lease.key, self.queue_key(lease.name)]
-            result = scripts[1](keys=keys, args=args, bound=bound)
+            result = scripts[1](keys=[lease.key], args=[lease.prefix, self._ttl_ms], bound=bound)
         except Exception as exc:  # noqa: BLE001  (any failure is a renewal that did not come back)
             # Caught whole: an error escaping here would end the renewal thread, and with it
             # the renewal and the loss report of every lease of this backend.
@@ -1118,8 +1196,6 @@ class RedisBackend:
             if lease.state != HELD:
                 return
             if result == 1:
-                if lease.claim is claim:
-                    lease.claim = ""
                 lease.expires = sent + self._ttl - _margin(self._ttl)
                 lease.due = sent + self._ttl / 3
                 return
@@ -1189,7 +1265,7 @@ class _Retryable(redis.ConnectionError):
 
 
 class _WaitTimedOut(Exception):  # noqa: N818
-    """The BLPOP of a timed wait got no reply by the deadline."""
+    """The BLMOVE of a timed wait got no reply by the deadline."""
 
 
 def _stale(conn: Any) -> bool:
