@@ -12,8 +12,10 @@
 
 Per-connection controls: `proxy.connections()` lists the live `Link`s in accept order; each has
 `pause()`, `resume()` and `drop()` of its own (e.g. blackhole only the holder's connection while
-a waiter's passes). `proxy.accepted` counts the connections accepted so far, and
-`proxy.wait_accepted(n, timeout)` waits (on a condition, no polling) until `n` were.
+a waiter's passes), and `hold_replies()`: the server gets the client's bytes and runs its
+commands, but its replies wait in the proxy until `resume()` (a reply late on the way back).
+`proxy.accepted` counts the connections accepted so far, and `proxy.wait_accepted(n, timeout)`
+waits (on a condition, no polling) until `n` were.
 
 Guarantees: once `pause()` returns, no byte read afterwards is forwarded (a chunk a
 forwarding thread had already let through may still land: at most one per direction);
@@ -44,6 +46,7 @@ class Link:
         self.client, self.upstream = client, upstream
         self._gate = threading.Condition()
         self._paused = False
+        self._holding = False  # replies (upstream to client) held; requests still forwarded
         self._closed = False
         self._held: dict[int, list[bytes]] = {}
 
@@ -54,10 +57,15 @@ class Link:
         with self._gate:
             self._paused = True
 
-    def resume(self) -> None:
-        """Forward again, first whatever was read while paused."""
+    def hold_replies(self) -> None:
+        """Stop forwarding the server's bytes to the client; the client's still reach it."""
         with self._gate:
-            self._paused = False
+            self._holding = True
+
+    def resume(self) -> None:
+        """Forward again, first whatever was read while paused (or held)."""
+        with self._gate:
+            self._paused = self._holding = False
             self._gate.notify_all()
 
     def drop(self) -> None:
@@ -89,6 +97,9 @@ class Link:
         for src, dst in ((self.client, self.upstream), (self.upstream, self.client)):
             threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
+    def _stopped(self, src: socket.socket) -> bool:
+        return self._paused or (self._holding and src is self.upstream)
+
     def _swallow(self) -> None:
         # A blocking read: drop() shuts the socket down, which ends it.
         while not self._closed:
@@ -107,7 +118,7 @@ class Link:
                 data = b""
             with self._gate:
                 # Held while paused: forwarded on resume, or dropped with the connection.
-                while self._paused and not self._closed:
+                while self._stopped(src) and not self._closed:
                     self._gate.wait()
                 if self._closed:
                     return

@@ -338,3 +338,39 @@ def test_waits_timeouts_and_cancellations_together_never_overlap_nor_lose_a_hand
     assert sum(s["ok"] for s in stats) > 0
     assert sum(s["cancels"] for s in stats) > 0
     assert max(s["longest"] for s in stats) < 1.0
+
+
+def test_a_ticket_claimed_behind_a_reply_that_timed_out_is_given_back(server, proxy, ns):
+    # The server runs a wait's PING, BLMOVE (a ticket was waiting) and claim, but the replies
+    # are late on the way back: the wait gives up at its deadline, and the lease it claimed is
+    # given back by the thread that reads the late replies. (Regression: redis-py closed the
+    # connection at the first reply's timeout, and the lock stayed held by nobody for the ttl.)
+    holder = _direct(server, ns, ttl=30)
+    waiter = _via(proxy, ns, ttl=30)
+    spec = ProcessLock("behind", backend=holder).spec
+    holding = holder.try_acquire(spec)
+    admin = redis.Redis.from_url(server.url)
+    real_block = waiter._block
+
+    def block(*args, **kwargs):
+        holder.release(holding)  # the ticket waits in the list: this BLMOVE takes it at once
+        assert admin.llen(holder.wake_key("behind")) == 1
+        for link in proxy.connections():
+            link.hold_replies()
+        return real_block(*args, **kwargs)
+
+    waiter._block = block
+    start = time.monotonic()
+    with pytest.raises(BackendUnavailableError):  # not even the PING's reply came in time
+        waiter.acquire(spec, start + 0.2)
+    assert time.monotonic() - start < 0.2 + SLACK
+    assert admin.get(holder.key("behind")) is not None  # claimed by the wait that gave up
+    for link in proxy.connections():
+        link.resume()
+    key = holder.key("behind")
+    deadline = time.monotonic() + 5
+    while admin.get(key) is not None:  # given back within a round trip, not the ttl (30 s)
+        assert time.monotonic() < deadline, "the claimed ticket was not given back"
+        time.sleep(0.005)
+    assert holder.try_acquire(spec) is not None
+    admin.close()

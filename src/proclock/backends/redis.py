@@ -688,14 +688,14 @@ class RedisBackend:
                 if reused and not (abort is not None and abort.set):
                     raise _Retryable(str(exc)) from exc
                 raise
+            # With `late`, kept open past a timeout of any reply (redis-py would close it, and
+            # a ticket Redis served just then would reach nobody): closed below if need be.
             keep = late is not None
             for i in range(len(commands)):
-                reading, mine, waiting = i, i >= skip, i >= waits
-                sock.settimeout(max((wait_end if waiting else end) - _clock(), 0.0001))
+                reading, mine = i, i >= skip
+                sock.settimeout(max((wait_end if i >= waits else end) - _clock(), 0.0001))
                 try:
-                    # Kept open past a timeout of a reply `late` is to read (redis-py would
-                    # close it, and a ticket Redis served just then would reach nobody).
-                    reply = conn.read_response(disconnect_on_error=not (waiting and keep))
+                    reply = conn.read_response(disconnect_on_error=not keep)
                 except redis.ResponseError as exc:  # read whole: the connection is clean
                     reply = None
                     error = error or exc
@@ -705,10 +705,12 @@ class RedisBackend:
                     conn.proclock_id = reply
         except (redis.TimeoutError, TimeoutError) as exc:
             aborted = abort is not None and abort.set
-            if late is not None and not aborted and reading >= waits:
+            # Sent (`reading` >= 0): a wait behind the reply that timed out (even the PING's,
+            # or a setup reply's) may yet be served a ticket and claim it: read on.
+            if late is not None and not aborted and reading >= 0:
                 threading.Thread(
                     target=self._drain,
-                    args=(conn, late, len(commands) - reading),
+                    args=(conn, late, reading, len(commands), skip > 0),
                     name="proclock-redis-drain",
                     daemon=True,
                 ).start()
@@ -734,13 +736,20 @@ class RedisBackend:
             raise error
         return replies
 
-    def _drain(self, conn: Any, late: Callable[[Any], None], pending: int) -> None:
-        """Read the `pending` replies that came too late for their caller; the last to `late`."""
+    def _drain(
+        self, conn: Any, late: Callable[[Any], None], start: int, stop: int, fresh: bool
+    ) -> None:
+        """Read replies `start` to `stop` that came too late for their caller; the last to `late`.
+
+        On a `fresh` connection, reply 0 is its CLIENT ID.
+        """
         reply = None
         try:
             conn._sock.settimeout(self._connect_timeout)
-            for _ in range(pending):
+            for i in range(start, stop):
                 reply = conn.read_response()
+                if i == 0 and fresh:
+                    conn.proclock_id = reply
         except BaseException:  # noqa: BLE001  (nothing to hand on: the connection is dropped)
             conn.disconnect()
             return
