@@ -955,3 +955,95 @@ def test_a_server_without_blmove_is_refused_naming_the_version_needed():
         with pytest.raises(BackendUnavailableError, match=r"Redis 6\.2 or later"):
             backend.acquire(spec, time.monotonic() + 5)
         backend.release(holding)
+
+
+def test_ctrl_c_as_a_wait_reads_its_claim_gives_the_lease_back(url, ns, admin, monkeypatch):
+    # The server has handed this wait the lease and claimed it under the wait's own token;
+    # Ctrl-C lands before the claim's reply is read. The lease is given back at once (our
+    # token is known without the reply), not left to its ttl (30 s).
+    holder = RedisBackend(url, namespace=ns, ttl=30)
+    waiter = RedisBackend(url, namespace=ns, ttl=30)
+    spec = ProcessLock("ctrl-c-claim", backend=holder).spec
+    holding = holder.try_acquire(spec)
+    assert waiter.holder(spec) is not None  # connected: the wait's reads are its own three
+    real_block, real_read = waiter._block, redis.connection.AbstractConnection.read_response
+    reads = []
+
+    def block(*args, **kwargs):
+        holder.release(holding)  # the ticket waits in the list: this BLMOVE takes it at once
+        reads.append(threading.current_thread())
+        return real_block(*args, **kwargs)
+
+    def read_response(self, *args, **kwargs):
+        if reads and reads[0] is threading.current_thread():
+            reads.append(1)
+            if len(reads) == 4:  # PING, BLMOVE, then the claim's reply: not read
+                reads.clear()
+                raise KeyboardInterrupt
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(waiter, "_block", block)
+    monkeypatch.setattr(redis.connection.AbstractConnection, "read_response", read_response)
+    with pytest.raises(KeyboardInterrupt):
+        waiter.acquire(spec, time.monotonic() + 5)
+    monkeypatch.undo()
+    assert admin.get(holder.key("ctrl-c-claim")) is None
+    assert waiter._renewing == set()
+    again = holder.try_acquire(spec)
+    assert again is not None
+    assert again.fencing_token > holding.fencing_token
+    holder.release(again)
+
+
+def test_ctrl_c_between_the_backends_return_and_the_core_gives_the_lease_back(url, ns, admin):
+    # The backend returned the handle, and Ctrl-C lands before the core kept it: the handle,
+    # dropped, gives its lease back (it would otherwise be renewed, with no owner, for as long
+    # as the process lives).
+    backend = RedisBackend(url, namespace=ns, ttl=30)
+    lock = ProcessLock("dropped", backend=backend)
+    real = backend.acquire
+
+    def acquire(*args, **kwargs):
+        real(*args, **kwargs)  # won; the handle is dropped with this frame
+        raise KeyboardInterrupt
+
+    backend.acquire = acquire
+    with pytest.raises(KeyboardInterrupt):
+        lock.acquire()
+    del backend.acquire
+    key = backend.key("dropped")
+    _wait_for(lambda: admin.get(key) is None, timeout=5, what="the dropped lease given back")
+    assert backend._renewing == set()
+    with ProcessLock("dropped", backend=backend, timeout=1):  # free for its owner and others
+        pass
+
+
+def test_released_leases_are_not_kept_for_the_dropped_handle_check(backend):
+    # The leases given back if their handle is dropped are those held: none is kept after its
+    # release (every acquisition would otherwise leave one behind).
+    lock = ProcessLock("kept", backend=backend)
+    for _ in range(5):
+        with lock:
+            assert len(backend._leases) == 1
+    assert backend._leases == {}
+
+
+def test_connections_never_use_hiredis_even_where_it_is_installed(url, ns, monkeypatch):
+    # hiredis's packer crashed the process (SIGSEGV) when Ctrl-C landed in it: proclock's
+    # connections pack and parse in Python, whether or not hiredis is installed.
+    from redis import connection
+
+    class Trap:
+        @staticmethod
+        def pack_command(_args):
+            msg = "hiredis's packer was used"
+            raise AssertionError(msg)
+
+    monkeypatch.setattr(connection, "HIREDIS_AVAILABLE", True)
+    monkeypatch.setattr(connection, "hiredis", Trap, raising=False)
+    backend = RedisBackend(url, namespace=ns)
+    with ProcessLock("no-hiredis", backend=backend) as lock:
+        assert lock.fencing_token is not None
+    conn = backend._take()
+    assert "Hiredis" not in type(conn._parser).__name__
+    backend._give(conn)

@@ -31,7 +31,18 @@ class Handle:
     acquisitions are two handles.
     """
 
-    __slots__ = ("_core", "_fd", "_fencing_token", "_location", "_lost", "_shared", "private")
+    # __weakref__: a backend may give back what a handle nobody holds any more proves (one
+    # dropped by an interruption between the backend's return and the core's keeping it).
+    __slots__ = (
+        "__weakref__",
+        "_core",
+        "_fd",
+        "_fencing_token",
+        "_location",
+        "_lost",
+        "_shared",
+        "private",
+    )
 
     def __init__(
         self,

@@ -89,7 +89,9 @@ from time import monotonic as _clock
 # An absolute import: this module is proclock.backends.redis, and Python 3 has no implicit
 # relative imports, so this is redis-py.
 import redis
+from redis._parsers import _RESP2Parser
 from redis.backoff import NoBackoff
+from redis.connection import PythonRespSerializer
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
@@ -169,7 +171,8 @@ return {fs, 0, 0}
 
 # Run by a waiter right behind its BLMOVE, which moved a ticket (if a release handed it one)
 # from the wake list to the waiter's own list KEYS[3]: the waiter takes the ticket's lease over,
-# writing its own value (and a full ttl) over the releaser's placeholder, and leaves the queue.
+# writing its own value, under its own token (so that it can give the lease back without having
+# read this reply), and a full ttl over the releaser's placeholder, and leaves the queue.
 # KEYS: lock, queue, the waiter's list. ARGV: the holder's part of the value, ttl in ms, token.
 # Returns nil (no ticket), {ticket, 1} (held), or {ticket, 0} (the ticket's lease was gone).
 _CLAIM = (
@@ -178,11 +181,11 @@ local ticket = redis.call('LPOP', KEYS[3])
 if not ticket then return false end
 redis.call('ZREM', KEYS[2], ARGV[3])
 local nonce, fs = string.match(ticket, '^(.-):(%d+)$')
-local prefix = '{"token":"' .. nonce .. '",'
+local placeholder = '{"token":"' .. nonce .. '",'
 local v = redis.call('GET', KEYS[1])
-if not v or string.sub(v, 1, #prefix) ~= prefix then return {ticket, 0} end
+if not v or string.sub(v, 1, #placeholder) ~= placeholder then return {ticket, 0} end
 local t = redis.call('TIME')
-redis.call('SET', KEYS[1], prefix .. ARGV[1] .. """
+redis.call('SET', KEYS[1], '{"token":"' .. ARGV[3] .. '",' .. ARGV[1] .. """
     + _STAMP
     + """, 'PX', ARGV[2])
 return {ticket, 1}
@@ -301,7 +304,9 @@ class _Lease:
         self.state = HELD
         self.redo = False  # a release was interrupted: a redo may find the key deleted already
         self.pid = os.getpid()
-        self.handle: Handle | None = None
+        # Its handle, weakly: a handle dropped without a release (an interruption between the
+        # backend's return and the core's keeping it) gives the lease back (`_abandoned`).
+        self.handle: weakref.ref[Handle] | None = None
 
     def __repr__(self) -> str:
         return f"<redis lease {self.key!r} {_STATE_NAMES[self.state]}>"
@@ -529,6 +534,7 @@ class RedisBackend:
         self._mutex = threading.RLock()
         self._wake = threading.Condition(self._mutex)
         self._renewing: set[_Lease] = set()
+        self._leases: dict[weakref.ref[Handle], _Lease] = {}  # held or being released
         self._thread: threading.Thread | None = None
         self._wake_at = 0.0  # when the renewal thread next wakes by itself (monotonic)
         self._idle: list[Any] = []
@@ -584,12 +590,21 @@ class RedisBackend:
             socket_timeout=self._connect_timeout,
             retry=Retry(NoBackoff(), 0),
             client_name=f"proclock-{os.getpid()}",
+            # The pure-Python parser, also where hiredis is installed: hiredis's packer
+            # crashed the process (SIGSEGV) when Ctrl-C landed in it.
+            parser_class=_RESP2Parser,
         )
         cls, kwargs = pool.connection_class, dict(pool.connection_kwargs)
+
+        def make() -> Any:
+            conn = cls(**kwargs)
+            conn._command_packer = PythonRespSerializer(conn._buffer_cutoff, conn.encoder.encode)
+            return conn
+
         made = tuple(_Script(self, s) for s in _SOURCES)
         with self._mutex:
             if self._scripts is None:  # else another thread won: ours are dropped unused
-                self._factory = lambda: cls(**kwargs)
+                self._factory = make
                 self._scripts = made
             return self._scripts
 
@@ -625,9 +640,10 @@ class RedisBackend:
         follows it) within `wait_bound` instead. No reply in time: `_Timeout`, and the
         connection is closed (its late replies must reach nobody), except that with `late`, a
         wait's replies still to come are read by a thread of its own (within
-        `connect_timeout`) and the last is given to `late` there: a ticket Redis served just as
-        its waiter gave up is passed on, not lost. A pooled connection the server
-        closed (a restart, CLIENT KILL) is retried once on a fresh one.
+        `connect_timeout`) and the last is given to `late` there (or the error that kept it
+        from us): a ticket Redis served just as its waiter gave up is passed on, not lost. A
+        pooled connection the server closed (a restart, CLIENT KILL) is retried once on a
+        fresh one.
         """
         self._connect()
         self._tls.retried = False
@@ -739,9 +755,10 @@ class RedisBackend:
     def _drain(
         self, conn: Any, late: Callable[[Any], None], start: int, stop: int, fresh: bool
     ) -> None:
-        """Read replies `start` to `stop` that came too late for their caller; the last to `late`.
+        """Read replies `start` to `stop` that came too late for their caller.
 
-        On a `fresh` connection, reply 0 is its CLIENT ID.
+        The last (or the error that kept it from us) goes to `late`. On a `fresh` connection,
+        reply 0 is its CLIENT ID.
         """
         reply = None
         try:
@@ -750,10 +767,11 @@ class RedisBackend:
                 reply = conn.read_response()
                 if i == 0 and fresh:
                     conn.proclock_id = reply
-        except BaseException:  # noqa: BLE001  (nothing to hand on: the connection is dropped)
+        except BaseException as exc:  # noqa: BLE001  (handed to `late`: the reply is unknown)
             conn.disconnect()
-            return
-        self._give(conn)
+            reply = exc
+        else:
+            self._give(conn)
         with contextlib.suppress(Exception):
             late(reply)
 
@@ -997,54 +1015,64 @@ class RedisBackend:
         """
         mine = f"{self._namespace}:got:{token}"
         keys = [self.key(name), self.queue_key(name), mine]
-        args = [self._value_parts(name, token)[1], self._ttl_ms, token]
+        own, rest = self._value_parts(name, token)
         blmove = ("BLMOVE", self.wake_key(name), mine, "LEFT", "LEFT", f"{wait:.3f}")
+        before = (("PING",), blmove)
 
         def give_back(claimed: Any) -> None:
-            if claimed and int(claimed[1]):
-                ticket = claimed[0].decode().split(":")[0]
-                self._give_back(name, f'{{"token":"{ticket}",')
+            # The claim's reply that came too late, or the error that kept it from us: a lease
+            # our token may hold is given back (which hands it on).
+            if isinstance(claimed, BaseException) or (claimed and int(claimed[1])):
+                self._give_back(name, own)
+
+        def unknown() -> None:  # whether the server claimed for us: given back, in the background
+            threading.Thread(target=self._give_back, args=(name, own), daemon=True).start()
 
         sent = _clock()
-        reply, handle = None, None
+        handle = None
         try:
             try:
                 reply = self._connect()[4](
                     keys=keys,
-                    args=args,
+                    args=[rest, self._ttl_ms, token],
                     bound=bound,
-                    before=(("PING",), blmove),
+                    before=before,
                     wait_bound=wait_bound,
                     abort=abort,
                     late=give_back,
                 )
             except _Timeout as exc:
-                # Not even the PING answered (unless the deadline was too near for a fair try:
-                # the wait's end, see `_try`).
+                # The replies still to come are read by a thread of its own (`late`). Not even
+                # the PING answered: the server is not answering (unless the deadline was too
+                # near for a fair try: the wait's end, see `_try`).
                 if not exc.args[0] and (bound is None or bound >= _MIN_ATTEMPT):
                     text = f"no reply within {self._bound_text(bound)}"
                     raise self._unavailable(text) from None
                 raise _WaitTimedOut from None
             except _Aborted as exc:
-                replies = exc.args[0] if exc.args else []
-                for claimed in replies[2:]:  # the claim's reply: a ticket before the withdrawal
-                    give_back(claimed)
+                if exc.args:  # withdrawn mid-exchange: the claim's reply, if it came
+                    replies = exc.args[0]
+                    if len(replies) > len(before):
+                        give_back(replies[-1])
+                    else:
+                        unknown()
                 raise
             except (RedisError, OSError) as exc:
+                unknown()
                 if "BLMOVE" in str(exc).upper() and isinstance(exc, redis.ResponseError):
                     text = f"{exc} (proclock's waits need Redis 6.2 or later, for BLMOVE)"
                     raise self._unavailable(text) from exc
                 raise self._unavailable(exc) from exc
             if not reply or not int(reply[1]):
                 return None  # no ticket (or its lease was gone): the caller tries again
-            ticket, fence = reply[0].decode().split(":")
-            handle = self._hold(name, f'{{"token":"{ticket}",', sent, int(fence))
+            handle = self._hold(name, own, sent, int(reply[0].decode().split(":")[1]))
+        except (_WaitTimedOut, _Aborted, BackendUnavailableError):
+            raise
         except BaseException:
-            if handle is None:
-                give_back(reply)  # interrupted (Ctrl-C) after the claim: given back
-            else:
-                self._drop(handle)
-                self._give_back(name, handle.private.prefix)
+            # Interrupted (Ctrl-C): whether the server claimed for us may be unknown; what our
+            # token holds is given back.
+            self._drop(handle)
+            self._give_back(name, own)
             raise
         return handle
 
@@ -1054,7 +1082,8 @@ class RedisBackend:
         handle = Handle(
             f"{self._server} key {lease.key!r}", fencing_token=fence, shared=False, private=lease
         )
-        lease.handle = handle
+        lease.handle = ref = weakref.ref(handle, self._abandoned)
+        self._leases[ref] = lease
         try:
             self._track(lease)
         except BaseException:
@@ -1069,6 +1098,32 @@ class RedisBackend:
             with self._mutex:
                 lease.state = RELEASED
                 self._renewing.discard(lease)
+                self._unlist(lease)
+
+    def _unlist(self, lease: _Lease) -> None:
+        """Forget `lease` among those given back if their handle is dropped (`_abandoned`)."""
+        if lease.handle is not None:
+            self._leases.pop(lease.handle, None)
+
+    def _abandoned(self, ref: weakref.ref[Handle]) -> None:
+        """A handle is gone that was never released: its lease is given back.
+
+        The core keeps every handle it was given until it releases it; one dropped anyway
+        was lost to an interruption (Ctrl-C) after the backend returned it and before the core
+        kept it: without this, it would be renewed, with no owner, for as long as the process
+        lives. Called by the garbage collector, in any thread: it does not block.
+        """
+        lease = self._leases.pop(ref, None)
+        if lease is None or lease.pid != os.getpid():
+            return
+        with self._mutex:
+            if lease.state in (RELEASING, RELEASED):
+                return
+            lease.state = RELEASED
+            self._renewing.discard(lease)
+        threading.Thread(
+            target=self._give_back, args=(lease.name, lease.prefix), daemon=True
+        ).start()
 
     def _release_script(self, name: str, prefix: str) -> Any:
         """Run the release: hand over (or free) what `prefix` holds of `name`; its result."""
@@ -1102,6 +1157,7 @@ class RedisBackend:
                 return
             lease.state = RELEASING
             self._renewing.discard(lease)
+            self._unlist(lease)
         if lease.pid != os.getpid():
             lease.state = RELEASED
             return
@@ -1125,12 +1181,17 @@ class RedisBackend:
             return
         except BaseException:
             lease.state, lease.redo = state, True  # interrupted (Ctrl-C): the core redoes it
+            if lease.handle is not None:
+                self._leases[lease.handle] = lease
             raise
         lease.state = RELEASED
         if result == 1 or state == LOST:
             return
-        if result == 0 and (retried or lease.redo) and _clock() < lease.expires:
-            return  # an earlier try deleted it before its connection dropped or was interrupted
+        if (retried or lease.redo) and _clock() < lease.expires:
+            # An earlier try, whose connection dropped or that was interrupted (Ctrl-C), freed
+            # the lease (0) or handed it to a waiter (-1): within its proof, nobody else could
+            # have taken it.
+            return
         _core.report_lost(handle, _TAKEN if result == -1 else _GONE)
 
     # -- renewal -------------------------------------------------------------------------------
@@ -1222,8 +1283,9 @@ class RedisBackend:
             )
         else:
             reason = _TAKEN if result == -1 else _GONE
-        assert lease.handle is not None  # noqa: S101
-        _core.report_lost(lease.handle, reason)
+        handle = None if lease.handle is None else lease.handle()
+        if handle is not None:  # else abandoned: given back (`_abandoned`)
+            _core.report_lost(handle, reason)
 
     # -- holder --------------------------------------------------------------------------------
 
