@@ -1047,3 +1047,21 @@ def test_connections_never_use_hiredis_even_where_it_is_installed(url, ns, monke
     conn = backend._take()
     assert "Hiredis" not in type(conn._parser).__name__
     backend._give(conn)
+
+
+def test_a_ticket_taken_and_never_claimed_strands_the_lock_briefly_not_for_the_ttl(url, ns, admin):
+    # A waiter whose connection died between its BLMOVE and its claim (killed, Ctrl-C, in the
+    # same instant as the release): done here by hand, a client that takes the ticket and
+    # claims nothing. The ticket's lease is short: the lock frees in 0.5 s, not the ttl (30 s).
+    backend = RedisBackend(url, namespace=ns, ttl=30)
+    spec = ProcessLock("stranded", backend=backend).spec
+    holding = backend.try_acquire(spec)
+    admin.zadd(backend.queue_key("stranded"), {"ghost": time.time() * 1000 + 30_000})
+    backend.release(holding)  # handed over: the ghost's BLMOVE takes the ticket
+    assert admin.lmove(backend.wake_key("stranded"), f"{ns}:got:ghost", "LEFT", "LEFT")
+    assert backend.try_acquire(spec) is None  # being handed over: held
+    start = time.monotonic()
+    with ProcessLock("stranded", backend=backend, timeout=5) as lock:
+        waited = time.monotonic() - start
+        assert lock.fencing_token > holding.fencing_token
+    assert waited < 0.5 + 0.4

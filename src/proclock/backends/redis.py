@@ -115,6 +115,10 @@ _SCHEMES = ("redis", "rediss", "unix")
 _MIN_TTL = 0.01
 _MIN_ATTEMPT = 0.05  # seconds the first attempt of a timed acquisition gets at least
 _QUEUE_SLACK = 1.0  # seconds a waiter's queue entry outlives its wait
+# Seconds (at most the ttl) that a lease being handed over waits for a waiter to claim it: a
+# waiter that took the ticket and died (or lost its connection) before its claim ran strands
+# the lock this long, not a ttl; unclaimed, the lock is simply free (nothing is unsafe).
+_TICKET_TTL = 0.5
 
 
 def _margin(ttl: float) -> float:
@@ -212,8 +216,9 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', t[1] * 1000 + math.floor(t[2] / 
 # a disconnected one), or freed if nobody waits. The ticket is a lease of its own, with a new
 # token ARGV[1] and fence, that its waiter claims (_CLAIM): it never becomes free in between,
 # so a newcomer does not barge in and the woken waiter's attempt is not wasted. The ticket list
-# expires 1 ms before the lease: a ticket nobody popped never outlives it.
-# KEYS: lock, queue, wake, fence. ARGV: the ticket's token, ttl in ms.
+# expires 1 ms before the lease: a ticket nobody popped never outlives it. The ticket's lease
+# is short (_TICKET_TTL): the claim gives it a full ttl.
+# KEYS: lock, queue, wake, fence. ARGV: the ticket's token, the ticket's lease in ms.
 _HAND_OVER = (
     _PRUNE
     + """
@@ -232,8 +237,8 @@ end
 """
 )
 
-# KEYS: lock, queue, wake, fence. ARGV: token prefix, ttl in ms, a ticket token.
-# 1: released (handed over or freed); 0: gone; -1: another's.
+# KEYS: lock, queue, wake, fence. ARGV: token prefix, the ticket's lease in ms (_TICKET_TTL), a
+# ticket token. 1: released (handed over or freed); 0: gone; -1: another's.
 _RELEASE = (
     """
 local v = redis.call('GET', KEYS[1])
@@ -1128,7 +1133,8 @@ class RedisBackend:
     def _release_script(self, name: str, prefix: str) -> Any:
         """Run the release: hand over (or free) what `prefix` holds of `name`; its result."""
         keys = [self.key(name), self.queue_key(name), self.wake_key(name), self.fence_key(name)]
-        return self._connect()[2](keys=keys, args=[prefix, self._ttl_ms, _token()])
+        ticket_ms = min(self._ttl_ms, round(_TICKET_TTL * 1000))
+        return self._connect()[2](keys=keys, args=[prefix, ticket_ms, _token()])
 
     def _give_back(self, name: str, prefix: str) -> None:
         """Release the key if `prefix` holds it (a try whose outcome we did not see)."""
