@@ -486,7 +486,7 @@ class RedisBackend:
             shorter deadline bounds: BackendUnavailableError past it.
 
     Nothing connects until the first acquisition. There are no shared locks (a lease has one
-    holder): use PostgreSQL for shared=True.
+    holder): use PostgreSQL for shared=True. Waits need Redis 6.2 or later (BLMOVE).
     """
 
     # WAIT_ANY: a wait ends when a release hands it the lease (one waiter per release), or
