@@ -1064,4 +1064,4 @@ def test_a_ticket_taken_and_never_claimed_strands_the_lock_briefly_not_for_the_t
     with ProcessLock("stranded", backend=backend, timeout=5) as lock:
         waited = time.monotonic() - start
         assert lock.fencing_token > holding.fencing_token
-    assert waited < 0.5 + 0.4
+    assert waited < 2.0  # the ticket lapses at 0.5 s (Redis notices a wait's end within 1/hz)
