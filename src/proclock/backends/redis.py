@@ -28,8 +28,8 @@ Keys, for a lock named N in namespace S (names are used verbatim: readable and i
   as soon as it returns, writes the waiter's value over the placeholder: the waiter holds the
   lease, its own, when its reply comes. A ticket nobody was blocked to take stays in the list:
   the next attempt withdraws it and takes the lock as if it were free, and the last waiter to
-  leave the queue frees it. The list expires 1 ms before the placeholder lease, so a ticket
-  never outlives it.
+  leave the queue frees it. The placeholder lease lasts `_TICKET_TTL` (0.5 s) until claimed,
+  and the list expires 1 ms before it, so a ticket never outlives it.
 
 Every value ends with ``"acquired_at"`` (the server's clock: one clock for every holder) and
 ``"fence"``.
@@ -61,9 +61,10 @@ the fan-out of a loss; this is the primitive only):
   holder that died is noticed when its lease runs out, and a lease handed over, proven from
   the start of the wait, has most of its ttl left. A ticket served to a wait that gave up
   meanwhile is passed on: a timed-out wait's late reply is read by a thread of its own
-  (`_exchange`'s `late`), and a cancelled one is ended by CLIENT UNBLOCK (`_Abort`), not by
-  closing its socket. Only a waiter killed (or interrupted by Ctrl-C) in that instant leaves
-  the lock held until the ticket's lease ends.
+  (`_exchange`'s `late`), a cancelled one is ended by CLIENT UNBLOCK (`_Abort`), not by
+  closing its socket, and one interrupted by Ctrl-C gives back what its own token holds (the
+  claim writes it). Only a waiter killed in that instant leaves the lock held by nobody until
+  the ticket's lease ends (`_TICKET_TTL`).
 - Release deletes the key only if it still holds our token. An interruption (Ctrl-C) between
   the server's grant and the return of the handle gives the lease back; one during release
   leaves it to be redone.
@@ -126,7 +127,7 @@ def _margin(ttl: float) -> float:
     return ttl / 20 + 0.02
 
 
-# The end of a lease's value, after its holder's part ARGV[2] (token, host, pid, argv, name):
+# The end of a lease's value, after its token and its holder's part (host, pid, argv, name):
 # when it was acquired, by the server's clock `t` (one clock for every holder's value), and its
 # fence `fs`; the fence last, where a script finds it.
 _STAMP = """',"acquired_at":' .. t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
@@ -174,9 +175,10 @@ return {fs, 0, 0}
 )
 
 # Run by a waiter right behind its BLMOVE, which moved a ticket (if a release handed it one)
-# from the wake list to the waiter's own list KEYS[3]: the waiter takes the ticket's lease over,
-# writing its own value, under its own token (so that it can give the lease back without having
-# read this reply), and a full ttl over the releaser's placeholder, and leaves the queue.
+# from the wake list to the waiter's own list KEYS[3]: the waiter takes the ticket's lease over
+# and leaves the queue. Its value replaces the releaser's placeholder, with a full ttl, under
+# the waiter's own token: a waiter interrupted before it read this reply can still give back
+# what its token holds.
 # KEYS: lock, queue, the waiter's list. ARGV: the holder's part of the value, ttl in ms, token.
 # Returns nil (no ticket), {ticket, 1} (held), or {ticket, 0} (the ticket's lease was gone).
 _CLAIM = (
