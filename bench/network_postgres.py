@@ -9,6 +9,8 @@ rows of one run, not runs):
 - round trip: the median of an uncontended acquire + release, in µs;
 - handoff p50 / p99: two processes take turns (each holds 2 ms, so that the other is queued);
   from the holder's release call to the waiter's return, on the machine's monotonic clock;
+- handoff p50 / p99, 50 waiters: 50 processes take the lock twice each (holding 1 ms), all
+  queued behind one another; from one holder's release call to the next holder's return;
 - N=4 ops/s: four processes increment a counter file under the lock;
 - round trips per handoff, 20 waiters: 20 processes take the lock 5 times each through a
   counting proxy; every ReadyForQuery the server sends counts (acquire, release, heartbeat,
@@ -307,6 +309,38 @@ def _queue_up(kind, url, name, times, start, out):
     out.put(os.getpid())
 
 
+def _crowd(kind, url, name, times, start, out):
+    lock = make(kind, url, name)
+    start.wait(120)
+    holds = []
+    for _ in range(times):
+        lock.acquire()
+        got = clock()
+        time.sleep(0.001)
+        holds.append((got, clock()))
+        lock.release()
+    lock.close()
+    out.put(holds)
+
+
+def crowd_handoff(kind: str, url: str, waiters: int, times: int) -> tuple[float, float]:
+    """Handoff p50 / p99 in ms with `waiters` processes queued on one lock."""
+    name = f"crowd-{uuid.uuid4().hex}"
+    out, start = SPAWN.Queue(), SPAWN.Barrier(waiters + 1)
+    procs = [
+        SPAWN.Process(target=_crowd, args=(kind, url, name, times, start, out))
+        for _ in range(waiters)
+    ]
+    for p in procs:
+        p.start()
+    start.wait(120)
+    holds = sorted(h for _ in procs for h in out.get(timeout=600))
+    for p in procs:
+        p.join(60)
+    gaps = sorted(b[0] - a[1] for a, b in itertools.pairwise(holds))
+    return statistics.median(gaps) * 1e3, gaps[int(len(gaps) * 0.99)] * 1e3
+
+
 def round_trips_per_handoff(kind: str, url: str, waiters: int, times: int) -> float:
     from psycopg.conninfo import conninfo_to_dict
 
@@ -358,13 +392,16 @@ def main() -> None:
                 "handoff_ms": handoff_ms,
                 "ops_per_s_n4": throughput(kind, args.url, n, Path(tmp)),
                 "round_trips_per_handoff_20": round_trips_per_handoff(kind, args.url, 20, times),
+                "handoff_ms_50": crowd_handoff(kind, args.url, 50, 2),
             }
             results["rows"][kind] = row
             p50, p99 = handoff_ms
             print(
                 f"{kind:9} round trip {row['round_trip_us']:7.0f} µs | handoff p50 {p50:.2f} ms"
                 f" p99 {p99:.2f} ms | N=4 {row['ops_per_s_n4']:6.0f} ops/s"
-                f" | {row['round_trips_per_handoff_20']:.1f} round trips/handoff (20 waiters)",
+                f" | {row['round_trips_per_handoff_20']:.1f} round trips/handoff (20 waiters)"
+                f" | handoff p50 {row['handoff_ms_50'][0]:.2f} ms p99 {row['handoff_ms_50'][1]:.2f}"
+                " ms (50 waiters)",
                 flush=True,
             )
     rows = results["rows"]
