@@ -466,7 +466,8 @@ def test_another_connections_session_is_refused_as_a_pooler(url, ns, admin):
         quiet.close()
 
 
-def test_heartbeat_sees_another_connections_session(backend):
+def test_heartbeat_sees_another_connections_session(backend, monkeypatch):
+    monkeypatch.setattr(pg, "_IDLE_EXIT", 0.2)
     lost = threading.Event()
     seen = []
     lock = ProcessLock("beat", backend=backend, on_lost=lambda e: (seen.append(e), lost.set()))
@@ -475,7 +476,48 @@ def test_heartbeat_sees_another_connections_session(backend):
     with pytest.raises(LockLostError):
         lock.release()
     assert "pooler" in seen[0].reason
-    wait_until(lambda: backend._heart is None)  # nothing held: the heartbeat stopped
+    wait_until(lambda: backend._heart is None)  # nothing held for _IDLE_EXIT: it stopped
+
+
+def test_a_steady_pace_of_acquisitions_keeps_one_heartbeat_thread_and_never_wakes_it(
+    backend, monkeypatch
+):
+    # The thread lingers while idle (it used to end at the first beat with nothing held, and
+    # the next hold started another), and a hold's socket joins its epoll set without waking
+    # it (it used to be woken through a pipe at every hold: a thread switch each time, half
+    # of a handoff's cost with 20 processes queued).
+    lock = ProcessLock("pace", backend=backend)
+    with lock:  # the thread started
+        pass
+    thread = backend._heart
+    writes = []
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: (writes.append(fd), real(fd, data))[1])
+    for _ in range(4):
+        time.sleep(0.25)  # beats (every 0.1 s here) pass with nothing held
+        with lock:
+            pass
+    assert backend._heart is thread
+    if pg._EPOLL:
+        assert writes == []
+
+
+def test_a_session_ended_right_after_its_lock_was_taken_is_seen_at_once(backend, admin):
+    # The hold's socket is watched from the moment the hold exists (epoll: no wake-up needed
+    # for that): the server ending the session is seen within a round trip, not at a beat.
+    slow = PostgresBackend(backend._url, namespace=backend._namespace, heartbeat=1.75)
+    lost = threading.Event()
+    lock = ProcessLock("ended", backend=slow, on_lost=lambda _e: lost.set())
+    with lock:  # the thread started
+        pass
+    hold = lock.acquire()
+    start = time.monotonic()
+    admin.execute("SELECT pg_terminate_backend(%s)", (hold.handle.private.pid,))
+    assert lost.wait(5)
+    assert time.monotonic() - start < 1.0  # not the next beat (1.75 s)
+    with pytest.raises(LockLostError):
+        hold.release()
+    slow.close()
 
 
 def test_an_unlock_that_returns_false_is_reported_as_lost(backend):

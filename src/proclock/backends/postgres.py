@@ -107,6 +107,9 @@ SERVER_BOUND = float(KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT)  # 5
 # server was sent: the margin absorbs the heartbeat thread's scheduling and timer slack.
 LEASE = SERVER_BOUND - 1.5  # 3.5 s
 HEARTBEAT_MAX = LEASE / 2  # at least two heartbeats per lease
+_IDLE_EXIT = 30.0  # seconds the heartbeat thread lingers with nothing held
+_EPOLL = hasattr(select, "epoll")  # Linux: sockets join the heartbeat's set without waking it
+_EPOLL_EVENTS = select.POLLIN | select.POLLERR | select.POLLHUP  # equal to EPOLLIN|ERR|HUP
 # A wait that the server ends (lock_timeout) answers at once: the answer is awaited this long
 # past the deadline before the connection is taken for dead.
 GRACE = 0.5
@@ -484,7 +487,10 @@ class PostgresBackend:
         self._links: set[_Link] = set()  # every open connection, for the fork handler
         self._mine: set[Handle] = set()  # held on this backend, for the heartbeat
         self._heart: threading.Thread | None = None
-        # A pipe that wakes the heartbeat when a hold is added, so that its socket is watched.
+        # Where the heartbeat waits for a byte on a held connection: an epoll set that each
+        # hold's socket joins (and leaves) by itself, waking nobody (Linux); elsewhere a pipe
+        # that wakes the heartbeat when a hold is added, so that its socket is watched.
+        self._epoll: Any = None
         self._wake: tuple[int, int] | None = None
         self._watched: frozenset[int] = frozenset()  # the sockets the heartbeat watches now
         self._table_ready = False
@@ -899,7 +905,7 @@ class PostgresBackend:
         if hold.link.generation != _core.generation:
             return
         with _mutex:
-            self._mine.discard(handle)
+            self._unwatch(handle)
         with hold.busy:  # waits for a heartbeat query in flight on this connection
             if hold.released:
                 return
@@ -968,7 +974,7 @@ class PostgresBackend:
             return
         hold: _Hold = result.private
         with _mutex:
-            self._mine.discard(result)
+            self._unwatch(result)
         with hold.busy:
             hold.released = True
             self._discard(hold.link)
@@ -981,6 +987,19 @@ class PostgresBackend:
             return
         with _mutex:
             self._mine.add(handle)
+            if _EPOLL:
+                if self._epoll is None:
+                    self._epoll = select.epoll()
+                fd = _socket(handle.private)
+                if fd >= 0:
+                    with contextlib.suppress(OSError):  # already there (a redo)
+                        self._epoll.register(fd, _EPOLL_EVENTS)
+                if self._heart is None:
+                    self._heart = threading.Thread(
+                        target=self._beat, name="proclock-postgres-heartbeat", daemon=True
+                    )
+                    self._heart.start()
+                return
             if self._wake is None:
                 read, write = os.pipe()
                 os.set_blocking(read, False)
@@ -1001,6 +1020,14 @@ class PostgresBackend:
         with contextlib.suppress(BlockingIOError):  # full: it will wake anyway
             os.write(wake, b"!")
 
+    def _unwatch(self, handle: Handle) -> None:
+        """No more heartbeat for this hold (under _mutex): released, or given up."""
+        self._mine.discard(handle)
+        fd = _socket(handle.private)
+        if self._epoll is not None and fd >= 0:
+            with contextlib.suppress(OSError):  # not there (closed, or a second call)
+                self._epoll.unregister(fd)
+
     def _beat(self) -> None:
         """Check every held lock's connection each `heartbeat` seconds; stop when none is held.
 
@@ -1013,36 +1040,48 @@ class PostgresBackend:
         assert pause is not None  # noqa: S101
         sleeper = threading.Event()
         next_beat = _clock() + pause
+        idle_since = None
         while True:
             left = next_beat - _clock()
             with _mutex:
                 if self._heart is not threading.current_thread():
                     return  # a fork replaced us
-                if left <= 0 and not self._mine:
-                    self._heart = None
-                    self._watched = frozenset()
-                    return
+                if self._mine:
+                    idle_since = None
+                elif left <= 0:
+                    # Nothing held: it lingers _IDLE_EXIT (a thread started per hold would
+                    # cost each acquisition a thread's start), then ends.
+                    idle_since = _clock() if idle_since is None else idle_since
+                    if _clock() - idle_since >= _IDLE_EXIT:
+                        self._heart = None
+                        self._watched = frozenset()
+                        return
                 handles = list(self._mine)
                 watched = {_socket(h.private) for h in handles} - {-1}  # -1: closed
                 self._watched = frozenset(watched)
+                epoll = self._epoll
             if left <= 0:
                 for handle in handles:
                     self._check(handle)
                 next_beat = _clock() + pause
                 continue
-            wake = self._wake
-            if wake is None:  # pragma: no cover  (made before the thread starts)
-                sleeper.wait(left)
-                continue
-            poller = select.poll()
-            poller.register(wake[0], select.POLLIN)
-            for fd in watched:
-                poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
-            for fd, _events in poller.poll(max(1, math.ceil(left * 1000))):
-                if fd == wake[0]:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(fd, 4096)
+            if epoll is not None:
+                ready = [fd for fd, _events in epoll.poll(left)]
+            else:
+                wake = self._wake
+                if wake is None:  # pragma: no cover  (made before the thread starts)
+                    sleeper.wait(left)
                     continue
+                poller = select.poll()
+                poller.register(wake[0], select.POLLIN)
+                for fd in watched:
+                    poller.register(fd, _EPOLL_EVENTS)
+                ready = [fd for fd, _events in poller.poll(max(1, math.ceil(left * 1000)))]
+                if wake[0] in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(wake[0], 4096)
+                    ready.remove(wake[0])
+            for fd in ready:
                 # The hold on that socket now (a pooled connection outlives its holds). Its
                 # check reads what the server sent; a hold being released is skipped (its
                 # release reads it), and gone from the next snapshot.
@@ -1090,7 +1129,7 @@ class PostgresBackend:
         finally:
             hold.busy.release()
         with _mutex:
-            self._mine.discard(handle)
+            self._unwatch(handle)
         # Outside hold.busy: an on_lost that releases the lock must not wait for us.
         _core.report_lost(handle, reason)
 
@@ -1179,6 +1218,9 @@ class PostgresBackend:
         """In a forked child: drop the parent's connections without ending their sessions."""
         links, self._links = self._links, set()
         self._idle, self._mine, self._heart = [], set(), None
+        epoll, self._epoll = self._epoll, None
+        if epoll is not None:
+            epoll.close()  # our copy: the set is the parent's, never changed here
         wake, self._wake = self._wake, None
         for fd in wake or ():
             os.close(fd)  # our copies; the parent's stay open
