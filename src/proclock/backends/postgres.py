@@ -1029,7 +1029,7 @@ class PostgresBackend:
                 self._epoll.unregister(fd)
 
     def _beat(self) -> None:
-        """Check every held lock's connection each `heartbeat` seconds; stop when none is held.
+        """Check every held lock's connection each `heartbeat` seconds; end after _IDLE_EXIT idle.
 
         Between the checks it watches their sockets: a held connection has no query in flight,
         so a byte from the server there means that it is ending the session (a shutdown or
