@@ -299,17 +299,7 @@ class CountingProxy:
 
 
 def _queue_up(kind, url, name, times, start, out):
-    lock = make(kind, url, name)
-    start.wait(120)
-    for _ in range(times):
-        lock.acquire()
-        time.sleep(0.001)
-        lock.release()
-    lock.close()
-    out.put(os.getpid())
-
-
-def _crowd(kind, url, name, times, start, out):
+    """Take the lock `times` times, holding it 1 ms; report each hold's (start, end)."""
     lock = make(kind, url, name)
     start.wait(120)
     holds = []
@@ -323,20 +313,31 @@ def _crowd(kind, url, name, times, start, out):
     out.put(holds)
 
 
-def crowd_handoff(kind: str, url: str, waiters: int, times: int) -> tuple[float, float]:
-    """Handoff p50 / p99 in ms with `waiters` processes queued on one lock."""
-    name = f"crowd-{uuid.uuid4().hex}"
+def _queued(kind: str, url: str, waiters: int, times: int, begin: Any = None) -> list[Any]:
+    """`waiters` processes queued on one lock (`_queue_up`); every hold, in time order.
+
+    `begin` is called once they all have connected, as they start taking the lock.
+    """
+    name = f"queue-{uuid.uuid4().hex}"
     out, start = SPAWN.Queue(), SPAWN.Barrier(waiters + 1)
     procs = [
-        SPAWN.Process(target=_crowd, args=(kind, url, name, times, start, out))
+        SPAWN.Process(target=_queue_up, args=(kind, url, name, times, start, out))
         for _ in range(waiters)
     ]
     for p in procs:
         p.start()
     start.wait(120)
+    if begin is not None:
+        begin()
     holds = sorted(h for _ in procs for h in out.get(timeout=600))
     for p in procs:
         p.join(60)
+    return holds
+
+
+def crowd_handoff(kind: str, url: str, waiters: int, times: int) -> tuple[float, float]:
+    """Handoff p50 / p99 in ms with `waiters` processes queued on one lock."""
+    holds = _queued(kind, url, waiters, times)
     gaps = sorted(b[0] - a[1] for a, b in itertools.pairwise(holds))
     return statistics.median(gaps) * 1e3, gaps[int(len(gaps) * 0.99)] * 1e3
 
@@ -349,21 +350,12 @@ def round_trips_per_handoff(kind: str, url: str, waiters: int, times: int) -> fl
     proxied = "postgresql://{user}@127.0.0.1:{port}/{dbname}".format(
         user=params.get("user", "postgres"), port=proxy.port, dbname=params.get("dbname", "")
     )
-    name = f"queue-{uuid.uuid4().hex}"
-    out, start = SPAWN.Queue(), SPAWN.Barrier(waiters + 1)
-    procs = [
-        SPAWN.Process(target=_queue_up, args=(kind, proxied, name, times, start, out))
-        for _ in range(waiters)
-    ]
-    for p in procs:
-        p.start()
-    start.wait(120)
-    with proxy.mutex:
-        proxy.count = 0  # connection setup done before the barrier is not counted
-    for _ in procs:
-        out.get(timeout=600)
-    for p in procs:
-        p.join(60)
+
+    def begin() -> None:
+        with proxy.mutex:
+            proxy.count = 0  # connection setup done before the barrier is not counted
+
+    _queued(kind, proxied, waiters, times, begin)
     proxy.close()
     return proxy.count / (waiters * times)
 

@@ -1,6 +1,6 @@
 """A private redis-server for fault tests: a free port, a temp dir, no persistence.
 
-    with RedisServer() as server:
+    with RedisServer() as server:   # RedisServer("--rename-command", "X", '""'): more options
         url = server.url            # redis://127.0.0.1:<port>/0
         server.restart()            # stop and start again on the same port: every key is gone
         server.kill()               # SIGKILL (a crash); start() brings it back, empty
@@ -39,8 +39,9 @@ def _free_port() -> int:
 class RedisServer:
     """One private redis-server process, restartable on its port without persistence."""
 
-    def __init__(self, *, ready_timeout: float = 10.0) -> None:
+    def __init__(self, *options: str, ready_timeout: float = 10.0) -> None:
         self.port = _free_port()
+        self._options = options  # more redis-server arguments (e.g. --rename-command)
         self._dir = tempfile.TemporaryDirectory(prefix="proclock-redis-")
         self._proc: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
@@ -77,6 +78,7 @@ class RedisServer:
                 "",
                 "--protected-mode",
                 "no",
+                *self._options,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -35,6 +35,7 @@ redis = require_module("redis", "redis")
 
 # Both import the backend, which needs redis-py: after the check above.
 import redis_children  # noqa: E402
+import redis_server  # noqa: E402
 from proclock import (  # noqa: E402
     BackendUnavailableError,
     LockHeldError,
@@ -76,19 +77,12 @@ def backend(url, ns):
 @pytest.fixture
 def private_redis():
     """(url, process) of a redis-server of this test's own, on a Unix socket: free to kill."""
-    with _redis_server() as started:
-        yield started
-
-
-@contextlib.contextmanager
-def _redis_server(*options):
-    """A private redis-server (with `options`), answering: (url, process); killed after."""
     exe = shutil.which("redis-server")
     if exe is None:
         unusable("redis-server is not on PATH (a test that stops a server starts its own)")
     directory = tempfile.mkdtemp(prefix="proclock-redis-")  # short: sun_path has 108 bytes
     sock = os.path.join(directory, "redis.sock")
-    args = [exe, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no", *options]
+    args = [exe, "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no"]
     server = subprocess.Popen(
         [*args, "--dir", directory], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -948,8 +942,10 @@ def test_a_steady_pace_of_acquisitions_never_wakes_the_renewal_thread(backend):
 def test_a_server_without_blmove_is_refused_naming_the_version_needed():
     # BLMOVE came with Redis 6.2: an older server (here: one that renamed it away) refuses the
     # wait, and the error says what is needed instead of "unknown command".
-    with _redis_server("--rename-command", "BLMOVE", '""') as (url, _server):
-        backend = RedisBackend(url, ttl=30)
+    if not redis_server.available():
+        unusable("redis-server is not on PATH (a test that changes a server starts its own)")
+    with redis_server.RedisServer("--rename-command", "BLMOVE", '""') as server:
+        backend = RedisBackend(server.url, ttl=30)
         spec = ProcessLock("old", backend=backend).spec
         holding = backend.try_acquire(spec)
         with pytest.raises(BackendUnavailableError, match=r"Redis 6\.2 or later"):

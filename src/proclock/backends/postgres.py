@@ -109,7 +109,7 @@ LEASE = SERVER_BOUND - 1.5  # 3.5 s
 HEARTBEAT_MAX = LEASE / 2  # at least two heartbeats per lease
 _IDLE_EXIT = 30.0  # seconds the heartbeat thread lingers with nothing held
 _EPOLL = hasattr(select, "epoll")  # Linux: sockets join the heartbeat's set without waking it
-_EPOLL_EVENTS = select.POLLIN | select.POLLERR | select.POLLHUP  # equal to EPOLLIN|ERR|HUP
+_READABLE = select.POLLIN | select.POLLERR | select.POLLHUP  # the same bits as EPOLLIN|ERR|HUP
 # A wait that the server ends (lock_timeout) answers at once: the answer is awaited this long
 # past the deadline before the connection is taken for dead.
 GRACE = 0.5
@@ -987,20 +987,14 @@ class PostgresBackend:
             return
         with _mutex:
             self._mine.add(handle)
+            fd = _socket(handle.private)
             if _EPOLL:
                 if self._epoll is None:
                     self._epoll = select.epoll()
-                fd = _socket(handle.private)
                 if fd >= 0:
                     with contextlib.suppress(OSError):  # already there (a redo)
-                        self._epoll.register(fd, _EPOLL_EVENTS)
-                if self._heart is None:
-                    self._heart = threading.Thread(
-                        target=self._beat, name="proclock-postgres-heartbeat", daemon=True
-                    )
-                    self._heart.start()
-                return
-            if self._wake is None:
+                        self._epoll.register(fd, _READABLE)
+            elif self._wake is None:
                 read, write = os.pipe()
                 os.set_blocking(read, False)
                 os.set_blocking(write, False)
@@ -1013,12 +1007,13 @@ class PostgresBackend:
                 thread.start()
                 return
             # Under _mutex, as the heartbeat takes its snapshot: either it saw this hold, or it
-            # watches the socket already (a pooled connection's), or it is woken.
-            if _socket(handle.private) in self._watched:
+            # watches the socket already (a pooled connection's), or it is woken. With epoll
+            # (no pipe), the socket joined its set above.
+            wake = self._wake
+            if wake is None or fd in self._watched:
                 return
-            wake = self._wake[1]
         with contextlib.suppress(BlockingIOError):  # full: it will wake anyway
-            os.write(wake, b"!")
+            os.write(wake[1], b"!")
 
     def _unwatch(self, handle: Handle) -> None:
         """No more heartbeat for this hold (under _mutex): released, or given up."""
@@ -1057,9 +1052,10 @@ class PostgresBackend:
                         self._watched = frozenset()
                         return
                 handles = list(self._mine)
-                watched = {_socket(h.private) for h in handles} - {-1}  # -1: closed
-                self._watched = frozenset(watched)
                 epoll = self._epoll
+                if epoll is None:  # the pipe's way: the sockets it watches, for `_watch`
+                    watched = {_socket(h.private) for h in handles} - {-1}  # -1: closed
+                    self._watched = frozenset(watched)
             if left <= 0:
                 for handle in handles:
                     self._check(handle)
@@ -1075,7 +1071,7 @@ class PostgresBackend:
                 poller = select.poll()
                 poller.register(wake[0], select.POLLIN)
                 for fd in watched:
-                    poller.register(fd, _EPOLL_EVENTS)
+                    poller.register(fd, _READABLE)
                 ready = [fd for fd, _events in poller.poll(max(1, math.ceil(left * 1000)))]
                 if wake[0] in ready:
                     with contextlib.suppress(BlockingIOError):

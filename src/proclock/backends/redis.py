@@ -302,7 +302,9 @@ class _Lease:
         "state",
     )
 
-    def __init__(self, key: str, name: str, prefix: str, sent: float, ttl: float) -> None:
+    def __init__(
+        self, key: str, name: str, prefix: str, sent: float, ttl: float, *, pid: int
+    ) -> None:
         self.key, self.name, self.prefix = key, name, prefix
         # Proven held until `expires` (monotonic): the server's PX ran from no earlier than
         # `sent`, and the margin keeps this end before the server's.
@@ -310,7 +312,7 @@ class _Lease:
         self.due = sent + ttl / 3
         self.state = HELD
         self.redo = False  # a release was interrupted: a redo may find the key deleted already
-        self.pid = os.getpid()
+        self.pid = pid
         # Its handle, weakly: a handle dropped without a release (an interruption between the
         # backend's return and the core's keeping it) gives the lease back (`_abandoned`).
         self.handle: weakref.ref[Handle] | None = None
@@ -520,6 +522,7 @@ class RedisBackend:
                 raise ValueError(msg)
         self._url, self._namespace = url, namespace
         self._ttl, self._ttl_ms = float(ttl), max(1, round(ttl * 1000))
+        self._ticket_ms = min(self._ttl_ms, round(_TICKET_TTL * 1000))
         self._connect_timeout = float(connect_timeout)
         self._display = _redact(url)
         try:
@@ -625,7 +628,7 @@ class RedisBackend:
 
     def _give(self, conn: Any) -> None:
         with self._mutex:
-            if len(self._idle) < _IDLE_MAX and conn.pid == os.getpid():
+            if len(self._idle) < _IDLE_MAX and conn.pid == self._pid:
                 self._idle.append(conn)
                 return
         conn.disconnect()
@@ -640,7 +643,7 @@ class RedisBackend:
         *,
         wait_from: int | None = None,
     ) -> list[Any]:
-        """Send `commands` in one write; their replies, each read by its deadline.
+        """Send `commands` in one write; their replies, each read by its deadline (`_connect`ed).
 
         The replies must come within `bound` (default `connect_timeout`) of the start,
         connecting included; those of ``commands[wait_from:]`` (a blocking command's and what
@@ -652,7 +655,6 @@ class RedisBackend:
         pooled connection the server closed (a restart, CLIENT KILL) is retried once on a
         fresh one.
         """
-        self._connect()
         self._tls.retried = False
         try:
             return self._exchange(
@@ -784,6 +786,7 @@ class RedisBackend:
 
     def _command(self, *args: Any) -> Any:
         """One plain command within `connect_timeout`; BackendUnavailableError otherwise."""
+        self._connect()
         try:
             return self._round_trip([args], None)[0]
         except _Timeout:
@@ -840,6 +843,7 @@ class RedisBackend:
         if deadline is not None and deadline <= _clock():
             won = self._try(name, token, None)  # timeout=0: one attempt, connect_timeout
             return None if isinstance(won, int) else won
+        parts = self._value_parts(name, token)  # the same for every cycle of this wait
         first = True
         queued = False  # a try entered the queue: leave it on giving up
         try:
@@ -852,7 +856,7 @@ class RedisBackend:
                 bound = left if left is None or not first else max(left, _MIN_ATTEMPT)
                 sent = _clock()
                 first, queued = False, True
-                won = self._try(name, token, bound, queue=self._ttl / 3)
+                won = self._try(name, token, bound, queue=self._ttl / 3, parts=parts)
                 if not isinstance(won, int):
                     return won
                 # Each wait at most ttl/3: a lease handed over is proven from the wait's start
@@ -869,7 +873,7 @@ class RedisBackend:
                 wait = max(wait, 0.001)
                 wait_bound = wait + self._connect_timeout if left is None else max(left, wait)
                 got = self._block(
-                    name, token, bound=left, wait=wait, wait_bound=wait_bound, abort=abort
+                    name, token, parts, bound=left, wait=wait, wait_bound=wait_bound, abort=abort
                 )
                 if got is not None:
                     return got
@@ -961,15 +965,24 @@ class RedisBackend:
                     await asyncio.shield(asyncio.to_thread(self.release, won))
             raise
 
-    def _try(self, name: str, token: str, bound: float | None, queue: float = 0.0) -> Handle | int:
+    def _try(
+        self,
+        name: str,
+        token: str,
+        bound: float | None,
+        queue: float = 0.0,
+        *,
+        parts: tuple[str, str] | None = None,
+    ) -> Handle | int:
         """One attempt: the handle, or the holder's PTTL in ms.
 
         With `queue` > 0, a try that finds the lock held puts this waiter in the queue for
         that many seconds (plus `_QUEUE_SLACK`, so that a waiter that died leaves by itself).
+        `parts` is `_value_parts(name, token)`, made once per wait by its caller.
         """
         scripts = self._connect()
         keys = [self.key(name), self.fence_key(name), self.queue_key(name), self.wake_key(name)]
-        prefix, rest = self._value_parts(name, token)
+        prefix, rest = self._value_parts(name, token) if parts is None else parts
         queue_ms = round((queue + _QUEUE_SLACK) * 1000) if queue else 0
         args = [prefix, rest, self._ttl_ms, token, queue_ms, self._ttl_ms * 2 + 2000]
         sent = _clock()
@@ -990,13 +1003,12 @@ class RedisBackend:
             handle = self._hold(name, prefix, sent, int(reply[0]))
         except (BackendUnavailableError, _WaitTimedOut):
             # A try whose reply we did not see may have won: given back, in the background.
-            threading.Thread(target=self._give_back, args=(name, prefix), daemon=True).start()
+            self._give_back(name, prefix, background=True)
             raise
         except BaseException:
             # Interrupted (Ctrl-C) after the SET may have won: give back whatever our token
             # holds, else it would block everyone for a ttl (or, renewed, forever).
-            self._drop(handle)
-            self._give_back(name, prefix)
+            self._give_back(name, prefix, handle)
             raise
         return handle
 
@@ -1004,6 +1016,7 @@ class RedisBackend:
         self,
         name: str,
         token: str,
+        parts: tuple[str, str],
         *,
         bound: float | None,
         wait: float,
@@ -1022,7 +1035,7 @@ class RedisBackend:
         """
         mine = f"{self._namespace}:got:{token}"
         keys = [self.key(name), self.queue_key(name), mine]
-        own, rest = self._value_parts(name, token)
+        own, rest = parts  # _value_parts(name, token)
         blmove = ("BLMOVE", self.wake_key(name), mine, "LEFT", "LEFT", f"{wait:.3f}")
         before = (("PING",), blmove)
 
@@ -1031,9 +1044,6 @@ class RedisBackend:
             # our token may hold is given back (which hands it on).
             if isinstance(claimed, BaseException) or (claimed and int(claimed[1])):
                 self._give_back(name, own)
-
-        def unknown() -> None:  # whether the server claimed for us: given back, in the background
-            threading.Thread(target=self._give_back, args=(name, own), daemon=True).start()
 
         sent = _clock()
         handle = None
@@ -1061,11 +1071,11 @@ class RedisBackend:
                     replies = exc.args[0]
                     if len(replies) > len(before):
                         give_back(replies[-1])
-                    else:
-                        unknown()
+                    else:  # whether the server claimed for us is unknown
+                        self._give_back(name, own, background=True)
                 raise
             except (RedisError, OSError) as exc:
-                unknown()
+                self._give_back(name, own, background=True)  # claimed for us, perhaps
                 if "BLMOVE" in str(exc).upper() and isinstance(exc, redis.ResponseError):
                     text = f"{exc} (proclock's waits need Redis 6.2 or later, for BLMOVE)"
                     raise self._unavailable(text) from exc
@@ -1078,14 +1088,13 @@ class RedisBackend:
         except BaseException:
             # Interrupted (Ctrl-C): whether the server claimed for us may be unknown; what our
             # token holds is given back.
-            self._drop(handle)
-            self._give_back(name, own)
+            self._give_back(name, own, handle)
             raise
         return handle
 
     def _hold(self, name: str, prefix: str, sent: float, fence: int) -> Handle:
         """The handle of a lease won (its value starts with `prefix`), renewed from now on."""
-        lease = _Lease(self.key(name), name, prefix, sent, self._ttl)
+        lease = _Lease(self.key(name), name, prefix, sent, self._ttl, pid=self._pid)
         handle = Handle(
             f"{self._server} key {lease.key!r}", fencing_token=fence, shared=False, private=lease
         )
@@ -1101,11 +1110,14 @@ class RedisBackend:
     def _drop(self, handle: Handle | None) -> None:
         """Stop renewing a lease being given back (interrupted before it reached the caller)."""
         if handle is not None:
-            lease: _Lease = handle.private
-            with self._mutex:
-                lease.state = RELEASED
-                self._renewing.discard(lease)
-                self._unlist(lease)
+            self._retire(handle.private)
+
+    def _retire(self, lease: _Lease) -> None:
+        """RELEASED: no longer renewed, nor given back when its handle is dropped."""
+        with self._mutex:
+            lease.state = RELEASED
+            self._renewing.discard(lease)
+            self._unlist(lease)
 
     def _unlist(self, lease: _Lease) -> None:
         """Forget `lease` among those given back if their handle is dropped (`_abandoned`)."""
@@ -1126,20 +1138,27 @@ class RedisBackend:
         with self._mutex:
             if lease.state in (RELEASING, RELEASED):
                 return
-            lease.state = RELEASED
-            self._renewing.discard(lease)
-        threading.Thread(
-            target=self._give_back, args=(lease.name, lease.prefix), daemon=True
-        ).start()
+            self._retire(lease)
+        self._give_back(lease.name, lease.prefix, background=True)
 
     def _release_script(self, name: str, prefix: str) -> Any:
         """Run the release: hand over (or free) what `prefix` holds of `name`; its result."""
         keys = [self.key(name), self.queue_key(name), self.wake_key(name), self.fence_key(name)]
-        ticket_ms = min(self._ttl_ms, round(_TICKET_TTL * 1000))
-        return self._connect()[2](keys=keys, args=[prefix, ticket_ms, _token()])
+        return self._connect()[2](keys=keys, args=[prefix, self._ticket_ms, _token()])
 
-    def _give_back(self, name: str, prefix: str) -> None:
-        """Release the key if `prefix` holds it (a try whose outcome we did not see)."""
+    def _give_back(
+        self, name: str, prefix: str, handle: Handle | None = None, *, background: bool = False
+    ) -> None:
+        """Release the key if `prefix` holds it: a try or a wait whose outcome we did not see.
+
+        `handle`'s lease (if one was made) is no longer renewed. In the `background` (a thread
+        of its own) where the caller must not wait: a server that does not answer, a finalizer.
+        """
+        if handle is not None:
+            self._drop(handle)
+        if background:
+            threading.Thread(target=self._give_back, args=(name, prefix), daemon=True).start()
+            return
         with contextlib.suppress(RedisError, OSError, _Timeout, _Aborted):
             self._release_script(name, prefix)
 
