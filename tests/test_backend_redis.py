@@ -683,6 +683,30 @@ def test_an_interrupted_release_is_redone(backend, admin, ns):
     assert not lock.locked
 
 
+def test_ctrl_c_before_the_release_script_is_sent_is_redone_too(backend, admin, ns, monkeypatch):
+    # Interrupted after the lease was marked as being released, before its script was sent:
+    # the core's redo must still delete the key (it found the lease "being released" and did
+    # nothing, and the lease, no longer renewed, held the lock to its ttl).
+    lost = []
+    lock = ProcessLock("ctrl-c-early", backend=backend, on_lost=lost.append)
+    lock.acquire()
+    real, calls = backend._unlist, []
+
+    def unlist(lease):
+        calls.append(lease)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(lease)
+
+    monkeypatch.setattr(backend, "_unlist", unlist)
+    with pytest.raises(KeyboardInterrupt):
+        lock.release()
+    assert lost == []
+    assert not admin.exists(f"{ns}:lock:ctrl-c-early")
+    assert not lock.locked
+    assert backend._renewing == set()
+
+
 def test_cancelling_while_a_winning_set_is_in_flight_gives_it_back(backend, admin, ns):
     spec = ProcessLock("cancel", backend=backend).spec
     started, proceed = threading.Event(), threading.Event()

@@ -1178,17 +1178,18 @@ class RedisBackend:
         child: the lease is its parent's.
         """
         lease: _Lease = handle.private
-        with self._mutex:
-            state = lease.state
-            if state in (RELEASING, RELEASED):
-                return
-            lease.state = RELEASING
-            self._renewing.discard(lease)
-            self._unlist(lease)
         if lease.pid != os.getpid():
             lease.state = RELEASED
             return
+        state = None
         try:
+            with self._mutex:
+                state = lease.state
+                if state in (RELEASING, RELEASED):
+                    return
+                lease.state = RELEASING
+                self._renewing.discard(lease)
+                self._unlist(lease)
             result = self._release_script(lease.name, lease.prefix)
             retried = bool(getattr(self._tls, "retried", False))
         except (_Timeout, RedisError, OSError) as exc:
@@ -1207,9 +1208,15 @@ class RedisBackend:
             )
             return
         except BaseException:
-            lease.state, lease.redo = state, True  # interrupted (Ctrl-C): the core redoes it
-            if lease.handle is not None:
-                self._leases[lease.handle] = lease
+            # Interrupted (Ctrl-C), even before the script was sent: the lease as it was (still
+            # renewed if held), which the core's redo releases.
+            if state is not None:
+                with self._mutex:
+                    lease.state, lease.redo = state, True
+                    if state == HELD:
+                        self._renewing.add(lease)
+                    if lease.handle is not None:
+                        self._leases[lease.handle] = lease
             raise
         lease.state = RELEASED
         if result == 1 or state == LOST:
